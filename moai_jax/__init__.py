@@ -1,0 +1,1 @@
+"""moai_jax: one virtual accelerator for JAX."""

@@ -1,0 +1,29 @@
+"""The errors a user can cause. Each message says what to change; scripts print it as one line and exit 2."""
+
+
+class MoaiError(Exception):
+    """Base of every user-facing moai_jax error."""
+
+
+class ModelConfigError(MoaiError):
+    """A model directory, config.json, preset or dtype that moai_jax cannot use."""
+
+
+class WeightsError(MoaiError):
+    """A safetensors file with a missing, extra or misshaped tensor."""
+
+
+class FlavorError(MoaiError):
+    """A flavor, mesh or batch that does not fit the devices or the model."""
+
+
+class DataError(MoaiError):
+    """A data set or tokenizer that cannot feed the model."""
+
+
+class CheckpointError(MoaiError):
+    """A checkpoint folder that cannot be read from or written to."""
+
+
+class NoPlanFits(MoaiError):
+    """No parallelization plan fits the device memory."""

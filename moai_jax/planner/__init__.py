@@ -1,0 +1,1 @@
+"""Automatic parallelization: candidates, memory and time models, verification."""

@@ -1,0 +1,1 @@
+"""Plan → mesh, logical axis rules, and activation constraints."""

@@ -1,0 +1,55 @@
+"""Logical axis names → mesh axes: the one place where strategy meets model.
+
+Model code names its dimensions with the logical vocabulary below and never a mesh axis. One table
+maps each logical name to the mesh axes it may be split over. Walking a tensor's names left to
+right, a mesh axis is used at most once, so `batch` takes `data` and `fsdp` for activations while a
+parameter's `embed` takes `fsdp`. An axis of size 1, or one that does not divide the dimension,
+is left out, so the table holds for every mesh.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+from jax.sharding import PartitionSpec
+
+LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers")
+MESH_AXES = ("data", "fsdp", "tensor")
+
+DEFAULT_RULES: dict[str, tuple[str, ...]] = {
+    "batch": ("data", "fsdp"),
+    "length": (),
+    "embed": ("fsdp",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "head_dim": (),
+    "mlp": ("tensor",),
+    "vocab": ("tensor",),
+    "layers": (),
+}
+
+
+def partition_spec(
+    names: Sequence[str | None],
+    shape: Sequence[int],
+    mesh_shape: Mapping[str, int],
+    rules: Mapping[str, tuple[str, ...]] = DEFAULT_RULES,
+) -> PartitionSpec:
+    """The PartitionSpec of a tensor whose dimensions carry these logical names."""
+    if len(names) != len(shape):
+        raise ValueError(f"logical names {tuple(names)} do not match shape {tuple(shape)}")
+    used: set[str] = set()
+    spec = []
+    for name, size in zip(names, shape):
+        if name is not None and name not in rules:
+            raise ValueError(f"unknown logical axis {name!r}; known: {', '.join(rules)}")
+        axes = []
+        for axis in rules.get(name, ()) if name else ():
+            n = mesh_shape.get(axis, 1)
+            if axis in used or n == 1 or size % (math.prod(mesh_shape[a] for a in axes) * n):
+                continue
+            axes.append(axis)
+            used.add(axis)
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
+    return PartitionSpec(*spec)
