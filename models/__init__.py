@@ -1,0 +1,6 @@
+"""Decoder models (Llama, Mistral, Qwen2) with logical axis names, and their Hugging Face checkpoints."""
+
+from moai_jax.models.config import ModelConfig, dtype_from_name, flops_per_token, param_count
+from moai_jax.models.llama import Decoder
+
+__all__ = ["Decoder", "ModelConfig", "dtype_from_name", "flops_per_token", "param_count"]

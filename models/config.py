@@ -1,0 +1,204 @@
+"""The shape of a decoder model: read from a Hugging Face config.json or a named preset.
+
+One frozen dataclass covers the Llama, Mistral and Qwen2 families. `from_pretrained` reads the
+config.json of a Hugging Face directory (transformers 4 or 5 layout), `to_hf_dict` writes one that
+`transformers.AutoConfig` reads back. `param_count` and `flops_per_token` serve the planner and MFU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+
+from moai_jax.errors import ModelConfigError
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+ROPE_TYPES = ("default", "llama3")
+
+
+def dtype_from_name(name: Any) -> Any:
+    """"float32" / "bfloat16" / "float16" (or a numpy/jax dtype) → the jnp dtype."""
+    if isinstance(name, str):
+        if name not in DTYPES:
+            raise ModelConfigError(f"unknown dtype {name!r}; use one of: {', '.join(DTYPES)}")
+        return DTYPES[name]
+    return jnp.dtype(name).type
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only transformer: RMSNorm, rotary positions, grouped-query attention, SwiGLU."""
+
+    model_type: str = "llama"
+    vocab_size: int = 256
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 16
+    max_position_embeddings: int = 512
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    sliding_window: int | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+
+    def __post_init__(self) -> None:
+        if self.model_type not in ARCHITECTURES:
+            raise ModelConfigError(
+                f"unsupported model_type {self.model_type!r}; supported: {', '.join(ARCHITECTURES)}"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ModelConfigError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
+        rope_type = (self.rope_scaling or {}).get("rope_type", "default")
+        if rope_type not in ROPE_TYPES:
+            raise ModelConfigError(f"unsupported rope_scaling type {rope_type!r}; supported: {', '.join(ROPE_TYPES)}")
+        if self.attention_bias and self.model_type != "qwen2":
+            raise ModelConfigError(
+                f"attention_bias is only supported for qwen2 (q/k/v bias), not {self.model_type}; "
+                "Llama's attention_bias also puts a bias on o_proj, which moai_jax does not model"
+            )
+
+    def __hash__(self) -> int:
+        return hash(json.dumps(dataclasses.asdict(self), sort_keys=True))
+
+    @classmethod
+    def preset(cls, name: str) -> ModelConfig:
+        """A published model's config by name, e.g. "llama3-8b" or "tiny"."""
+        from moai_jax.models.presets import PRESETS
+
+        if name not in PRESETS:
+            raise ModelConfigError(f"unknown model preset {name!r}; presets: {', '.join(PRESETS)}")
+        return PRESETS[name]
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> ModelConfig:
+        """Read `path/config.json` of a Hugging Face model directory."""
+        path = Path(path)
+        if not path.is_dir():
+            raise ModelConfigError(f"model directory {path} does not exist; pass a Hugging Face model folder")
+        file = path / "config.json"
+        if not file.is_file():
+            raise ModelConfigError(f"{file} is missing; a Hugging Face model folder holds a config.json")
+        try:
+            hf = json.loads(file.read_text())
+        except json.JSONDecodeError as e:
+            raise ModelConfigError(f"{file} is not valid JSON: {e}") from e
+        return cls.from_hf_dict(hf, source=str(file))
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict, source: str = "config.json") -> ModelConfig:
+        """Build from the contents of a Hugging Face config.json (`source` names it in errors)."""
+        model_type = hf.get("model_type")
+        if model_type is None:
+            raise ModelConfigError(
+                f"{source} has no 'model_type'; add one of: {', '.join(ARCHITECTURES)}"
+            )
+        if model_type not in ARCHITECTURES:
+            raise ModelConfigError(
+                f"{source}: unsupported model_type {model_type!r}; supported: "
+                + ", ".join(f"{t} ({a})" for t, a in ARCHITECTURES.items())
+            )
+        if hf.get("hidden_act", "silu") != "silu" or hf.get("mlp_bias", False):
+            raise ModelConfigError(f"{source}: only a SwiGLU MLP without bias (hidden_act 'silu') is supported")
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        rope_theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+        rope.setdefault("rope_type", rope.pop("type", "default"))
+        sliding_window = hf.get("sliding_window")
+        if model_type == "qwen2" and not hf.get("use_sliding_window", False):
+            sliding_window = None
+        num_heads = hf["num_attention_heads"]
+        try:
+            return cls(
+                model_type=model_type,
+                vocab_size=hf["vocab_size"],
+                hidden_size=hf["hidden_size"],
+                intermediate_size=hf["intermediate_size"],
+                num_layers=hf["num_hidden_layers"],
+                num_heads=num_heads,
+                num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+                head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
+                max_position_embeddings=hf.get("max_position_embeddings", 2048),
+                rope_theta=rope_theta,
+                rope_scaling=None if rope["rope_type"] == "default" else rope,
+                rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+                tie_word_embeddings=hf.get("tie_word_embeddings", False),
+                attention_bias=model_type == "qwen2",
+                sliding_window=sliding_window,
+                bos_token_id=hf.get("bos_token_id"),
+                eos_token_id=hf.get("eos_token_id"),
+            )
+        except ModelConfigError as e:
+            raise ModelConfigError(f"{source}: {e}") from e
+
+    def to_hf_dict(self) -> dict:
+        """The config.json that transformers reads back as this model."""
+        rope = {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rope_theta}
+        hf = {
+            "architectures": [ARCHITECTURES[self.model_type]],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_position_embeddings,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling,
+            "rope_parameters": rope,
+            "rms_norm_eps": self.rms_norm_eps,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "torch_dtype": "float32",
+        }
+        if self.model_type == "llama":
+            hf |= {"attention_bias": False, "mlp_bias": False}
+        if self.model_type == "mistral":
+            hf["sliding_window"] = self.sliding_window
+        if self.model_type == "qwen2":
+            hf |= {"use_sliding_window": self.sliding_window is not None, "sliding_window": self.sliding_window}
+        return hf
+
+
+def param_count(config: ModelConfig) -> int:
+    """Exact number of parameters, as Hugging Face counts them (lm_head only when untied)."""
+    c = config
+    q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    attention = c.hidden_size * (2 * q_out + 2 * kv_out) + (q_out + 2 * kv_out if c.attention_bias else 0)
+    mlp = 3 * c.hidden_size * c.intermediate_size
+    layer = attention + mlp + 2 * c.hidden_size
+    embeddings = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
+    return c.num_layers * layer + embeddings + c.hidden_size
+
+
+def flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward), causal attention counted once.
+
+        6 · N_matmul + 6 · L · s · h · d
+
+    N_matmul counts the weights of every matmul, lm_head included even when tied to the embedding
+    (the embedding lookup, norms and biases are not matmuls). Each matmul weight costs 2 FLOPs per
+    token forward and 4 backward. Attention's QKᵀ and AV cost 2 · 2 · s · h · d per token and layer
+    forward for full attention, ×3 with backward = 12 · L · s · h · d, halved for the causal mask.
+    """
+    c = config
+    q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    per_layer = c.hidden_size * (2 * q_out + 2 * kv_out) + 3 * c.hidden_size * c.intermediate_size
+    matmul_params = c.num_layers * per_layer + c.vocab_size * c.hidden_size
+    attention = 6 * c.num_layers * seq_len * c.num_heads * c.head_dim
+    return float(6 * matmul_params + attention)
