@@ -12,7 +12,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-from jax.sharding import PartitionSpec
+import jax
+from jax.sharding import NamedSharding, PartitionSpec
 
 LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers")
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -53,3 +54,13 @@ def partition_spec(
             used.add(axis)
         spec.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
     return PartitionSpec(*spec)
+
+
+def tree_shardings(logical_specs, shapes, mesh, rules: Mapping[str, tuple[str, ...]] = DEFAULT_RULES):
+    """NamedShardings for a tree of arrays (`shapes`: anything with .shape) whose logical names are given
+    by a matching tree of PartitionSpecs of logical names (as `nnx.get_partition_spec` returns)."""
+    def one(names, shape):
+        names = tuple(names) + (None,) * (len(shape.shape) - len(names))
+        return NamedSharding(mesh, partition_spec(names, shape.shape, dict(mesh.shape), rules))
+
+    return jax.tree.map(one, logical_specs, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))

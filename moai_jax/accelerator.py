@@ -1,0 +1,117 @@
+"""The virtual accelerator: a flavor (how many devices stand behind one device) and its hardware.
+
+On a machine without an accelerator a flavor larger than the real device count is simulated with
+XLA host devices, so every flavor can be planned, run and tested on a laptop or in CI. The
+simulation has to be set before JAX starts its backends; `Accelerator` does it when it can and
+otherwise says how to start JAX right.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+from moai_jax.errors import FlavorError
+
+GB = 10**9
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Hardware:
+    """What the planner needs to know of one device and its links."""
+
+    name: str
+    memory_bytes: int
+    peak_flops: float  # dense bfloat16 (float32 for cpu) FLOP/s per device
+    intra_host_bandwidth: float  # bytes/s per device, one direction (NVLink, xGMI, ICI)
+    inter_host_bandwidth: float  # bytes/s per device across hosts (InfiniBand, DCN)
+    devices_per_host: int
+
+
+HARDWARE = {
+    h.name: h
+    for h in (
+        Hardware("h100", 80 * GB, 989e12, 450 * GB, 50 * GB, 8),
+        Hardware("h200", 141 * GB, 989e12, 450 * GB, 50 * GB, 8),
+        Hardware("a100-80gb", 80 * GB, 312e12, 300 * GB, 25 * GB, 8),
+        Hardware("a100-40gb", 40 * GB, 312e12, 300 * GB, 25 * GB, 8),
+        Hardware("mi250", 64 * GB, 181e12, 100 * GB, 25 * GB, 8),  # one MI250 die, as MoAI counts
+        Hardware("mi300x", 192 * GB, 1307e12, 448 * GB, 50 * GB, 8),
+        Hardware("tpu-v5e", 16 * GB, 197e12, 200 * GB, 25 * GB, 8),
+        Hardware("tpu-v5p", 95 * GB, 459e12, 600 * GB, 25 * GB, 4),
+        Hardware("cpu", 16 * GiB, 1e11, 10 * GB, 10 * GB, 1024),
+    )
+}
+
+_DEVICE_KINDS = (  # substrings of jax's device_kind, most specific first
+    ("h200", "h200"), ("h100", "h100"), ("a100-sxm4-80gb", "a100-80gb"), ("a100 80gb", "a100-80gb"),
+    ("a100", "a100-40gb"), ("mi300x", "mi300x"), ("mi250", "mi250"), ("v5 lite", "tpu-v5e"),
+    ("v5e", "tpu-v5e"), ("v5p", "tpu-v5p"), ("cpu", "cpu"),
+)
+
+
+def hardware_profile(name: str, *, device_memory: int | None = None, devices_per_host: int | None = None) -> Hardware:
+    """A named hardware profile, with memory or devices per host overridden if given."""
+    if name not in HARDWARE:
+        raise FlavorError(f"unknown hardware {name!r}; choose one of: {', '.join(HARDWARE)}")
+    overrides = {"memory_bytes": device_memory, "devices_per_host": devices_per_host}
+    return dataclasses.replace(HARDWARE[name], **{k: v for k, v in overrides.items() if v is not None})
+
+
+def detect_hardware(device: jax.Device) -> str:
+    """The profile name of a JAX device, from its device_kind ("cpu" when unknown)."""
+    kind = device.device_kind.lower()
+    return next((name for key, name in _DEVICE_KINDS if key in kind), "cpu")
+
+
+def parse_flavor(value: object) -> int:
+    """A flavor as given by a user (int or string) → a positive int, or a FlavorError saying what to pass."""
+    try:
+        flavor = int(str(value).strip())
+    except ValueError:
+        raise FlavorError(f"flavor must be a whole number of devices such as 1, 8 or 64, not {value!r}") from None
+    if flavor < 1:
+        raise FlavorError(f"flavor must be at least 1 device, not {flavor}")
+    return flavor
+
+
+def simulate_devices(count: int) -> None:
+    """Ask JAX for `count` host devices, if its backends have not started yet (no-op otherwise)."""
+    try:
+        if jax.config.jax_num_cpu_devices < count:
+            jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError:
+        pass  # backends already started; Accelerator reports it if the count falls short
+
+
+class Accelerator:
+    """`flavor` devices seen as one. `hardware` names a profile; by default it is detected."""
+
+    def __init__(self, flavor: int | str, hardware: str | None = None, *, device_memory: int | None = None,
+                 devices_per_host: int | None = None):
+        self.flavor = parse_flavor(flavor)
+        simulate_devices(self.flavor)
+        devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+        self.platform = devices[0].platform
+        if len(devices) < self.flavor:
+            if self.platform == "cpu":
+                raise FlavorError(
+                    f"JAX started with {len(devices)} CPU devices, flavor {self.flavor} needs {self.flavor}: create the "
+                    f"Accelerator before any JAX computation, or start Python with "
+                    f"XLA_FLAGS=--xla_force_host_platform_device_count={self.flavor}"
+                )
+            raise FlavorError(
+                f"flavor {self.flavor} asks for {self.flavor} devices but this machine has {len(devices)} "
+                f"{self.platform} devices; choose a flavor of at most {len(devices)}"
+            )
+        self.devices = devices[: self.flavor]
+        self.simulated = self.platform == "cpu" and self.flavor > 1
+        detected = detect_hardware(self.devices[0])
+        self.hardware = hardware_profile(hardware or detected, device_memory=device_memory,
+                                         devices_per_host=devices_per_host)
+
+    def __repr__(self) -> str:
+        where = "simulated CPU devices" if self.simulated else f"{self.platform} devices"
+        return f"Accelerator(flavor={self.flavor}, {self.flavor} {where}, hardware={self.hardware.name})"

@@ -1,0 +1,67 @@
+"""The Plan: how one training step is laid out over the flavor's devices, and why.
+
+Frozen and JSON-serializable: it is what the user sees, what is logged, what a checkpoint records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from moai_jax.sharding.mesh import MeshShape
+
+REMAT_POLICIES = ("none", "matmuls", "full")
+LOSS_MODES = ("whole", "chunked")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    flavor: int
+    hardware: str
+    mesh: MeshShape
+    batch_size: int
+    seq_len: int
+    micro_batches: int = 1
+    remat: str = "none"
+    loss: str = "whole"  # "chunked": logits are computed over the sequence in chunks, never whole
+    compute_dtype: str = "float32"
+    param_dtype: str = "float32"
+    estimated_bytes_per_device: dict[str, int] | None = None  # term → bytes, with "total"
+    verified_bytes_per_device: int | None = None
+    verified_on: str | None = None  # the backend that compiled the verifying step
+    budget_bytes_per_device: int | None = None
+    estimated_step_seconds: dict[str, float] | None = None  # compute, communication, total
+    estimated_tokens_per_sec: float | None = None
+    estimated_mfu: float | None = None
+    why: str = "mesh given by the user"
+    alternatives: tuple[dict[str, Any], ...] = ()
+
+    @property
+    def batch_per_device(self) -> float:
+        """Sequences each device computes per micro-batch (a fraction under tensor parallelism)."""
+        return self.batch_size / self.micro_batches / self.mesh.batch_shards
+
+    def summary(self) -> str:
+        """The chosen configuration in one line, as MoAI prints its selected config."""
+        tp = f"TP {self.mesh.tensor}" if self.mesh.tensor > 1 else "No TP"
+        return (f"flavor {self.flavor} ({self.hardware}) | mesh {self.mesh} | micro-batches {self.micro_batches} | "
+                f"batch per device {self.batch_per_device:g} | {tp} | remat {self.remat} | loss {self.loss} | "
+                f"compute {self.compute_dtype}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["batch_per_device"] = self.batch_per_device
+        d["alternatives"] = list(self.alternatives)
+        return d
+
+    def to_json(self, **kwargs) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Plan:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in d.items() if k in fields}
+        values["mesh"] = MeshShape(**values["mesh"])
+        values["alternatives"] = tuple(values.get("alternatives", ()))
+        return cls(**values)

@@ -1,0 +1,183 @@
+"""The Trainer: single-device training code in, one sharded, jitted, donated train step out.
+
+    trainer = moai_jax.Trainer(model, optax.adamw(1e-5), batch_size=512, seq_len=1024, accelerator=acc)
+    print(trainer.plan)
+    for batch in batches:                     # numpy arrays of the GLOBAL batch
+        metrics = trainer.step(batch)
+
+`model` is an nnx.Module or, for models too large for one device, a function that builds one: it
+is then initialized under jit straight into its shards, never whole on one device. `params`, a
+function of the parameter shardings, loads weights instead (`lambda s: load_pretrained(path, shardings=s)`):
+each tensor goes straight onto its shards.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from moai_jax.accelerator import Accelerator
+from moai_jax.errors import FlavorError
+from moai_jax.planner.plan import Plan
+from moai_jax.sharding.annotate import logical_sharding
+from moai_jax.sharding.mesh import MeshShape, check_mesh, default_mesh_shape, make_mesh
+from moai_jax.sharding.rules import partition_spec, tree_shardings
+from moai_jax.train import IGNORE, TrainState, eval_step, train_step
+
+LOSS_CHUNK = 512  # sequence positions per logits chunk under plan.loss == "chunked"
+
+
+def next_token_labels(input_ids: np.ndarray) -> np.ndarray:
+    """Labels for plain language modelling: each position predicts the next token; the last none."""
+    labels = np.full_like(input_ids, IGNORE)
+    labels[:, :-1] = input_ids[:, 1:]
+    return labels
+
+
+class Trainer:
+    def __init__(self, model: nnx.Module | Callable[[], nnx.Module], optimizer: optax.GradientTransformation,
+                 batch_size: int, seq_len: int, accelerator: Accelerator, mesh: MeshShape | str | None = None, *,
+                 micro_batches: int | None = None, remat: str | None = None, plan: Plan | None = None,
+                 params: Callable[[Any], nnx.Module | dict] | None = None):
+        self.accelerator = accelerator
+        self.batch_size, self.seq_len = batch_size, seq_len
+        abstract = nnx.eval_shape(model) if callable(model) and not isinstance(model, nnx.Module) else model
+        self.config = getattr(abstract, "config", None)
+        self.plan = plan or self._manual_plan(abstract, mesh, micro_batches, remat)
+        check_mesh(self.plan.mesh, accelerator.flavor, batch_size=batch_size, micro_batches=self.plan.micro_batches,
+                   num_heads=getattr(self.config, "num_heads", None),
+                   num_kv_heads=getattr(self.config, "num_kv_heads", None))
+        self.mesh = make_mesh(self.plan.mesh, accelerator.devices)
+        self._replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.batch_sharding = NamedSharding(
+            self.mesh, partition_spec(("batch", "length"), (batch_size // self.plan.micro_batches, seq_len),
+                                      dict(self.mesh.shape)))
+
+        if hasattr(abstract, "remat"):
+            abstract.remat = self.plan.remat
+        self.graphdef, abstract_params, _ = nnx.split(abstract, nnx.Param, ...)
+        param_shapes = nnx.to_pure_dict(abstract_params)
+        logical = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
+        self.param_shardings = tree_shardings(logical, param_shapes, self.mesh)
+        opt_shapes = jax.eval_shape(optimizer.init, param_shapes)
+        opt_shardings = optax.tree_map_params(optimizer, lambda _, s: s, opt_shapes, self.param_shardings,
+                                              transform_non_params=lambda _: self._replicated)
+        self.state_shardings = TrainState(params=self.param_shardings, opt_state=opt_shardings,
+                                          step=self._replicated)
+        self.state, self._rest = self._init_state(model, optimizer, params)
+
+        loss_chunk = LOSS_CHUNK if self.plan.loss == "chunked" else None
+        step = functools.partial(train_step, tx=optimizer, micro_batches=self.plan.micro_batches,
+                                 loss_chunk=loss_chunk, grad_shardings=self.param_shardings)
+        evaluate = functools.partial(eval_step, loss_chunk=loss_chunk)
+        self._step = jax.jit(self._traced(step), in_shardings=(self.state_shardings, self.batch_sharding,
+                                                               self._replicated),
+                             out_shardings=(self.state_shardings, self._replicated), donate_argnums=0)
+        self._eval = jax.jit(self._traced(evaluate), in_shardings=(self.param_shardings, self.batch_sharding,
+                                                                   self._replicated),
+                             out_shardings=self._replicated)
+        self._compiled: dict[frozenset[str], Any] = {}
+
+    def _manual_plan(self, abstract, mesh, micro_batches, remat) -> Plan:
+        shape = MeshShape.parse(mesh) if isinstance(mesh, str) else mesh or default_mesh_shape(self.accelerator.flavor)
+        dtype = getattr(abstract, "dtype", jnp.float32)
+        return Plan(flavor=self.accelerator.flavor, hardware=self.accelerator.hardware.name, mesh=shape,
+                    batch_size=self.batch_size, seq_len=self.seq_len, micro_batches=micro_batches or 1,
+                    remat=remat or "none", compute_dtype=jnp.dtype(dtype).name)
+
+    def _traced(self, fn):
+        """`fn` traced inside the mesh's logical sharding, so the model's constraints take effect."""
+        def traced(first, batch, rest):
+            with logical_sharding(self.mesh):
+                return fn(first, batch, graphdef=self.graphdef, rest=rest)
+        return traced
+
+    def _init_state(self, model, optimizer, load) -> tuple[TrainState, Any]:
+        """Parameters and optimizer state placed on their shards (born there when `model` is a builder)."""
+        def parts(module):
+            _, params, rest = nnx.split(module, nnx.Param, ...)
+            return nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+
+        shardings = (self.param_shardings, self._replicated)
+        if load is not None:
+            loaded = load(self.param_shardings)
+            params, rest = parts(loaded) if isinstance(loaded, nnx.Module) else (loaded, {})
+            params, rest = jax.device_put((params, rest), shardings)
+        elif isinstance(model, nnx.Module):
+            params, rest = jax.device_put(parts(model), shardings)
+        else:
+            params, rest = jax.jit(lambda: parts(model()), out_shardings=shardings)()
+        opt_state = jax.jit(optimizer.init, out_shardings=self.state_shardings.opt_state)(params)
+        step = jax.device_put(jnp.zeros((), jnp.int32), self._replicated)
+        return TrainState(params=params, opt_state=opt_state, step=step), rest
+
+    # -- feeding ---------------------------------------------------------------------------------
+    def device_batch(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        """This process's rows of the global batch (all of them on one host) → global sharded arrays."""
+        batch = {k: np.asarray(v, dtype=np.int32) for k, v in batch.items()}
+        if "input_ids" not in batch:
+            raise FlavorError(f"a batch needs 'input_ids' (and optionally labels, segment_ids, positions); "
+                              f"got {', '.join(batch)}")
+        batch.setdefault("labels", next_token_labels(batch["input_ids"]))
+        rows = self.batch_size // jax.process_count()
+        for key, value in batch.items():
+            if value.shape != (rows, self.seq_len):
+                raise FlavorError(f"batch[{key!r}] has shape {value.shape}; this trainer takes "
+                                  f"({rows}, {self.seq_len}) per process (batch size {self.batch_size}, "
+                                  f"sequence length {self.seq_len})")
+        global_shape = (self.batch_size, self.seq_len)
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v, global_shape)
+                for k, v in batch.items()}
+
+    # -- stepping --------------------------------------------------------------------------------
+    def compile(self, batch_keys: Iterable[str] = ("input_ids", "labels", "segment_ids", "positions")) -> float:
+        """Compile the train step ahead of time for batches with these keys; returns the seconds it took."""
+        start = time.perf_counter()
+        spec = jax.ShapeDtypeStruct((self.batch_size, self.seq_len), jnp.int32, sharding=self.batch_sharding)
+        keys = frozenset(batch_keys)
+        self._compiled[keys] = self._step.lower(self.state, {k: spec for k in keys}, self._rest).compile()
+        return time.perf_counter() - start
+
+    def compiled_bytes_per_device(self) -> int:
+        """Peak bytes per device of the compiled step, as XLA reports them."""
+        compiled = next(iter(self._compiled.values()), None)
+        if compiled is None:
+            self.compile()
+            compiled = next(iter(self._compiled.values()))
+        m = compiled.memory_analysis()
+        return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+                   - m.alias_size_in_bytes + m.generated_code_size_in_bytes)
+
+    def step(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        """One training step on a global batch. Metrics come back as device arrays: reading them waits."""
+        device_batch = self.device_batch(batch)
+        run = self._compiled.get(frozenset(device_batch), self._step)
+        self.state, metrics = run(self.state, device_batch, self._rest)
+        return metrics
+
+    def evaluate(self, batches: Iterable[Mapping[str, np.ndarray]]) -> float:
+        """Mean loss per real token over held-out batches."""
+        loss_sum, tokens = 0.0, 0
+        for batch in batches:
+            out = jax.device_get(self._eval(self.state.params, self.device_batch(batch), self._rest))
+            loss_sum, tokens = loss_sum + float(out["loss_sum"]), tokens + int(out["tokens"])
+        return loss_sum / max(tokens, 1)
+
+    @property
+    def model(self) -> nnx.Module:
+        """The model with the current parameters (still sharded)."""
+        return nnx.merge(self.graphdef, self.state.params, self._rest)
+
+    def __repr__(self) -> str:
+        return f"Trainer({self.plan.summary()})"
+
+

@@ -1,0 +1,158 @@
+"""Fine-tune a decoder model on one virtual accelerator of `--flavor` devices.
+
+    python scripts/finetune.py --flavor 8                        # built-in tiny model and data set
+    python scripts/finetune.py --flavor 8 --model-name-or-path ./Meta-Llama-3-8B \\
+        --dataset-name-or-path ./cnn_dailymail --batch-size 64 --block-size 1024
+
+Write the training as if for one device; moai_jax splits the batch, shards the parameters and
+places the work over the flavor's devices. On a machine without an accelerator the devices are
+simulated, so every flavor runs (slowly) on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--flavor", default="1", help="devices behind the one virtual accelerator: 1, 8, 64, ... (default 1)")
+    p.add_argument("--model-name-or-path", default="tiny",
+                   help="a Hugging Face model directory, or a preset name (random weights) such as tiny, llama3-8b "
+                        "(default tiny)")
+    p.add_argument("--dataset-name-or-path", default=None,
+                   help="a .jsonl/.json/.parquet/.csv/.txt file or folder, a datasets save_to_disk folder, or a hub "
+                        "name when online (default: the small built-in data set)")
+    p.add_argument("--dataset-format", default=None, choices=("text", "instruction", "summarization"),
+                   help="how to read the data set's columns (default: detected from the column names)")
+    p.add_argument("--no-packing", action="store_true",
+                   help="pad each document to its own row instead of packing several into one block")
+    p.add_argument("--batch-size", type=int, default=32, help="global batch: sequences per step over all devices")
+    p.add_argument("--block-size", type=int, default=128, help="tokens per sequence (default 128)")
+    p.add_argument("--epochs", type=int, default=1, help="passes over the data set (default 1)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (default: all epochs)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default 1e-5 for a pretrained model, 3e-3 for a preset's random weights)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    p.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps (default 3%% of the steps)")
+    p.add_argument("--log-interval", type=int, default=1, help="print the step line every N steps (default 1)")
+    p.add_argument("--eval-step", type=int, default=0, help="evaluate on the held-out split every N steps (0: never)")
+    p.add_argument("--save-model-dir", default=None,
+                   help="write the trained model here in Hugging Face format (config.json + safetensors)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for weights and data order (default 0)")
+    p.add_argument("--mesh", default=None,
+                   help="fix the device mesh, e.g. data=2,fsdp=2,tensor=2 (product = flavor; default: every device "
+                        "holds a parameter shard and a slice of the batch)")
+    p.add_argument("--micro-batches", type=int, default=None, help="split each step's batch into N micro-batches")
+    p.add_argument("--remat", choices=("none", "matmuls", "full"), default=None,
+                   help="recompute activations in backward: none, matmuls (save matmul outputs), full")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="compute dtype; parameters stay float32 (default: bfloat16 on GPU/TPU, float32 on CPU)")
+    p.add_argument("--metrics-file", default=None,
+                   help="append one JSON object per logged step: step, loss, duration, tokens_per_sec, learning_rate")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from moai_jax.errors import MoaiError
+
+    try:
+        return run(args)
+    except MoaiError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    from moai_jax.accelerator import parse_flavor, simulate_devices
+
+    flavor = parse_flavor(args.flavor)
+    simulate_devices(flavor)  # before JAX starts its backends
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from moai_jax import data
+    from moai_jax.accelerator import Accelerator
+    from moai_jax.errors import FlavorError
+    from moai_jax.metrics import MetricsFile, StepTimer, step_line, summary
+    from moai_jax.models import Decoder, ModelConfig, load_pretrained, save_pretrained
+    from moai_jax.optimizer import adamw, learning_rate_schedule
+    from moai_jax.trainer import Trainer
+
+    for name in ("batch_size", "block_size", "epochs", "log_interval"):
+        if getattr(args, name) < 1:
+            raise FlavorError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise FlavorError(f"--max-steps must be at least 1, not {args.max_steps}")
+
+    accelerator = Accelerator(flavor)
+    pretrained = Path(args.model_name_or_path).is_dir()
+    config = (ModelConfig.from_pretrained(args.model_name_or_path) if pretrained
+              else ModelConfig.preset(args.model_name_or_path))
+    dtype = args.dtype if args.dtype != "auto" else ("float32" if accelerator.platform == "cpu" else "bfloat16")
+
+    tokenizer = data.load_tokenizer_for(args.model_name_or_path)
+    dataset = data.load_dataset(args.dataset_name_or_path, tokenizer, args.block_size, format=args.dataset_format,
+                                packing=not args.no_packing, seed=args.seed,
+                                max_positions=config.max_position_embeddings, vocab_size=config.vocab_size)
+    batches = data.Batches(dataset, args.batch_size, seed=args.seed, epochs=args.epochs,
+                           process_index=jax.process_index(), process_count=jax.process_count())
+    total = min(batches.steps, args.max_steps or batches.steps)
+    lr = args.lr if args.lr is not None else (1e-5 if pretrained else 3e-3)
+    schedule = learning_rate_schedule(lr, total, warmup_steps=args.warmup_steps)
+    optimizer = adamw(schedule, weight_decay=args.weight_decay)
+
+    build = lambda: Decoder(config, rngs=nnx.Rngs(args.seed), dtype=jnp.dtype(dtype))  # noqa: E731
+    load = (lambda shardings: load_pretrained(args.model_name_or_path, dtype=jnp.dtype(dtype), shardings=shardings)
+            ) if pretrained else None
+    trainer = Trainer(build, optimizer, args.batch_size, args.block_size, accelerator, args.mesh,
+                      micro_batches=args.micro_batches, remat=args.remat, params=load)
+    where = f"{flavor} simulated CPU devices" if accelerator.simulated else f"{flavor} {accelerator.platform} device(s)"
+    print(f"moai_jax: {config.model_type} {args.model_name_or_path} on {where}: {trainer.plan.summary()}")
+    print(f"Data: {len(dataset)} training rows of {args.block_size} tokens, packing efficiency "
+          f"{dataset.packing_efficiency:.1%}, {total} steps")
+    print(f"Compiled the train step in {trainer.compile():.2f} s", flush=True)
+
+    metrics_file = MetricsFile(args.metrics_file)
+    timer = StepTimer(args.batch_size * args.block_size)
+    rates, final_loss = [], None
+
+    def report(done):
+        nonlocal final_loss
+        if done is None:
+            return
+        step, final_loss = done["step"], done["loss"]
+        rates.append(done["tokens_per_sec"])
+        if step % args.log_interval == 0 or step == total:
+            print(step_line(step, total, done["loss"], done["duration"], done["tokens_per_sec"]), flush=True)
+            metrics_file.write({"step": step, "loss": done["loss"], "duration": done["duration"],
+                                "tokens_per_sec": done["tokens_per_sec"], "learning_rate": float(schedule(step - 1)),
+                                "grad_norm": done["grad_norm"]})
+
+    for step, batch in enumerate(batches, start=1):
+        if step > total:
+            break
+        report(timer.push(step, trainer.step(batch)))
+        if args.eval_step and step % args.eval_step == 0:
+            report(timer.finish())
+            eval_batches = data.Batches(dataset, args.batch_size, seed=args.seed, split="eval",
+                                        process_index=jax.process_index(), process_count=jax.process_count())
+            print(f"[Eval {step}/{total}] | Loss: {trainer.evaluate(eval_batches):.6f}", flush=True)
+            timer = StepTimer(args.batch_size * args.block_size)
+    report(timer.finish())
+    metrics_file.close()
+
+    if args.save_model_dir:
+        save_pretrained(trainer.model, args.save_model_dir)
+        tokenizer.save_pretrained(args.save_model_dir)
+    print(summary(len(rates), len(rates) * args.batch_size * args.block_size, rates, final_loss, args.save_model_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
