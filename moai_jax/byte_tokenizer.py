@@ -1,8 +1,9 @@
 """The built-in byte tokenizer of the vocabulary-256 presets, and `load_tokenizer_for` a model.
 
 A token id is a UTF-8 byte value, so every text encodes and nothing is downloaded. The special
-tokens are control bytes that text does not use: pad = 0 (NUL), bos = 2 (STX, "start of text"),
-eos = 3 (ETX, "end of text"). A text that does contain those bytes reads them as the special tokens.
+tokens are control bytes that text does not use, with the ids of the `tiny` preset's config (the
+Llama convention): pad = 0 (NUL), bos = 1 (SOH), eos = 2 (STX). A text that does contain those
+bytes reads them as the special tokens.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ class ByteTokenizer:
 
     vocab_size = 256
     pad_token_id = 0
-    bos_token_id = 2
-    eos_token_id = 3
+    bos_token_id = 1
+    eos_token_id = 2
     chat_template = None
 
     def __len__(self) -> int:

@@ -75,7 +75,7 @@ def _chat(tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
         pieces = []
         for m in messages:
             role = m["role"]
-            pieces += [(f"### {role.capitalize()}:\n", False), (_text(m["content"]), role == "assistant"), ("\n\n", False)]
+            pieces += [(f"### {role.capitalize()}:\n", False), (_text(m["content"]) + "\n\n", role == "assistant")]
         return pieces
 
     def render(turns, prompt):
