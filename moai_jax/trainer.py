@@ -13,6 +13,7 @@ each tensor goes straight onto its shards.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -43,6 +44,62 @@ def next_token_labels(input_ids: np.ndarray) -> np.ndarray:
     return labels
 
 
+@dataclasses.dataclass(frozen=True)
+class StepParts:
+    """A plan's jitted train and eval steps over a mesh, and the shardings of what they take."""
+
+    graphdef: nnx.GraphDef
+    param_shardings: Any
+    state_shardings: TrainState
+    batch_sharding: NamedSharding
+    replicated: NamedSharding
+    abstract_state: TrainState  # ShapeDtypeStructs carrying the shardings: nothing allocated
+    abstract_rest: Any
+    step: Any
+    eval: Any
+
+
+def build_step(abstract: nnx.Module, optimizer: optax.GradientTransformation, plan: Plan, mesh) -> StepParts:
+    """The plan's train step for an abstract (or real) model, jitted with shardings and donated state.
+
+    Used by the Trainer to run and by the planner to verify (lowered on abstract inputs)."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    batch_sharding = NamedSharding(mesh, partition_spec(
+        ("batch", "length"), (plan.batch_size // plan.micro_batches, plan.seq_len), dict(mesh.shape)))
+    if hasattr(abstract, "remat"):
+        abstract.remat = plan.remat
+    graphdef, abstract_params, abstract_rest = nnx.split(abstract, nnx.Param, ...)
+    param_shapes = nnx.to_pure_dict(abstract_params)
+    logical = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
+    param_shardings = tree_shardings(logical, param_shapes, mesh)
+    opt_shapes = jax.eval_shape(optimizer.init, param_shapes)
+    opt_shardings = optax.tree_map_params(optimizer, lambda _, s: s, opt_shapes, param_shardings,
+                                          transform_non_params=lambda _: replicated)
+    state_shardings = TrainState(params=param_shardings, opt_state=opt_shardings, step=replicated)
+    shaped = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
+    abstract_state = jax.tree.map(shaped, TrainState(params=param_shapes, opt_state=opt_shapes,
+                                                     step=jax.ShapeDtypeStruct((), jnp.int32)), state_shardings)
+    abstract_rest = jax.tree.map(lambda x: shaped(x, replicated), nnx.to_pure_dict(abstract_rest))
+
+    def traced(fn):
+        """`fn` traced inside the mesh's logical sharding, so the model's constraints take effect."""
+        def run(first, batch, rest):
+            with logical_sharding(mesh):
+                return fn(first, batch, graphdef=graphdef, rest=rest)
+        return run
+
+    loss_chunk = LOSS_CHUNK if plan.loss == "chunked" else None
+    train = functools.partial(train_step, tx=optimizer, micro_batches=plan.micro_batches,
+                              loss_chunk=loss_chunk, grad_shardings=param_shardings)
+    evaluate = functools.partial(eval_step, loss_chunk=loss_chunk)
+    step = jax.jit(traced(train), in_shardings=(state_shardings, batch_sharding, replicated),
+                   out_shardings=(state_shardings, replicated), donate_argnums=0)
+    evaluation = jax.jit(traced(evaluate), in_shardings=(param_shardings, batch_sharding, replicated),
+                         out_shardings=replicated)
+    return StepParts(graphdef, param_shardings, state_shardings, batch_sharding, replicated, abstract_state,
+                     abstract_rest, step, evaluation)
+
+
 class Trainer:
     def __init__(self, model: nnx.Module | Callable[[], nnx.Module], optimizer: optax.GradientTransformation,
                  batch_size: int, seq_len: int, accelerator: Accelerator, mesh: MeshShape | str | None = None, *,
@@ -57,34 +114,11 @@ class Trainer:
                    num_heads=getattr(self.config, "num_heads", None),
                    num_kv_heads=getattr(self.config, "num_kv_heads", None))
         self.mesh = make_mesh(self.plan.mesh, accelerator.devices)
-        self._replicated = NamedSharding(self.mesh, PartitionSpec())
-        self.batch_sharding = NamedSharding(
-            self.mesh, partition_spec(("batch", "length"), (batch_size // self.plan.micro_batches, seq_len),
-                                      dict(self.mesh.shape)))
-
-        if hasattr(abstract, "remat"):
-            abstract.remat = self.plan.remat
-        self.graphdef, abstract_params, _ = nnx.split(abstract, nnx.Param, ...)
-        param_shapes = nnx.to_pure_dict(abstract_params)
-        logical = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
-        self.param_shardings = tree_shardings(logical, param_shapes, self.mesh)
-        opt_shapes = jax.eval_shape(optimizer.init, param_shapes)
-        opt_shardings = optax.tree_map_params(optimizer, lambda _, s: s, opt_shapes, self.param_shardings,
-                                              transform_non_params=lambda _: self._replicated)
-        self.state_shardings = TrainState(params=self.param_shardings, opt_state=opt_shardings,
-                                          step=self._replicated)
+        parts = build_step(abstract, optimizer, self.plan, self.mesh)
+        self.graphdef, self._replicated, self.batch_sharding = parts.graphdef, parts.replicated, parts.batch_sharding
+        self.param_shardings, self.state_shardings = parts.param_shardings, parts.state_shardings
+        self._step, self._eval = parts.step, parts.eval
         self.state, self._rest = self._init_state(model, optimizer, params)
-
-        loss_chunk = LOSS_CHUNK if self.plan.loss == "chunked" else None
-        step = functools.partial(train_step, tx=optimizer, micro_batches=self.plan.micro_batches,
-                                 loss_chunk=loss_chunk, grad_shardings=self.param_shardings)
-        evaluate = functools.partial(eval_step, loss_chunk=loss_chunk)
-        self._step = jax.jit(self._traced(step), in_shardings=(self.state_shardings, self.batch_sharding,
-                                                               self._replicated),
-                             out_shardings=(self.state_shardings, self._replicated), donate_argnums=0)
-        self._eval = jax.jit(self._traced(evaluate), in_shardings=(self.param_shardings, self.batch_sharding,
-                                                                   self._replicated),
-                             out_shardings=self._replicated)
         self._compiled: dict[frozenset[str], Any] = {}
 
     def _manual_plan(self, abstract, mesh, micro_batches, remat) -> Plan:
@@ -93,13 +127,6 @@ class Trainer:
         return Plan(flavor=self.accelerator.flavor, hardware=self.accelerator.hardware.name, mesh=shape,
                     batch_size=self.batch_size, seq_len=self.seq_len, micro_batches=micro_batches or 1,
                     remat=remat or "none", compute_dtype=jnp.dtype(dtype).name)
-
-    def _traced(self, fn):
-        """`fn` traced inside the mesh's logical sharding, so the model's constraints take effect."""
-        def traced(first, batch, rest):
-            with logical_sharding(self.mesh):
-                return fn(first, batch, graphdef=self.graphdef, rest=rest)
-        return traced
 
     def _init_state(self, model, optimizer, load) -> tuple[TrainState, Any]:
         """Parameters and optimizer state placed on their shards (born there when `model` is a builder)."""
