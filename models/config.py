@@ -164,7 +164,6 @@ class ModelConfig:
             "tie_word_embeddings": self.tie_word_embeddings,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
-            "torch_dtype": "float32",
         }
         if self.model_type == "llama":
             hf |= {"attention_bias": False, "mlp_bias": False}

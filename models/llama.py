@@ -28,7 +28,7 @@ _INIT = nnx.initializers.normal(stddev=0.02)
 
 
 def _param(rngs: nnx.Rngs, shape, names, param_dtype, init=_INIT) -> nnx.Param:
-    return nnx.Param(init(rngs.params(), shape, param_dtype), sharding_names=names, eager_sharding=False)
+    return nnx.Param(init(rngs.params(), shape, param_dtype), out_sharding=names, eager_sharding=False)
 
 
 def rope_frequencies(config: ModelConfig) -> np.ndarray:
@@ -63,7 +63,7 @@ def apply_rotary(x_BTNH, cos_BTH, sin_BTH):
 
 class RMSNorm(nnx.Module):
     def __init__(self, config: ModelConfig, *, dtype, param_dtype):
-        self.weight = nnx.Param(jnp.ones((config.hidden_size,), param_dtype), sharding_names=("embed",),
+        self.weight = nnx.Param(jnp.ones((config.hidden_size,), param_dtype), out_sharding=("embed",),
                                 eager_sharding=False)
         self.eps, self.dtype = config.rms_norm_eps, dtype
 
