@@ -12,6 +12,7 @@ import dataclasses
 
 import jax
 
+from moai_jax import xla_flags
 from moai_jax.errors import FlavorError
 
 GB = 10**9
@@ -78,7 +79,11 @@ def parse_flavor(value: object) -> int:
 
 
 def simulate_devices(count: int) -> None:
-    """Ask JAX for `count` host devices, if its backends have not started yet (no-op otherwise)."""
+    """Ask JAX for `count` host devices, if its backends have not started yet (no-op otherwise).
+
+    Also the moment, before any backend starts, to set moai_jax's XLA GPU flags (`xla_flags.apply`).
+    """
+    xla_flags.apply()
     try:
         if jax.config.jax_num_cpu_devices < count:
             jax.config.update("jax_num_cpu_devices", count)
