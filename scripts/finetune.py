@@ -50,6 +50,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="recompute activations in backward: none, matmuls (save matmul outputs), full")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="compute dtype; parameters stay float32 (default: bfloat16 on GPU/TPU, float32 on CPU)")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="save training checkpoints (Orbax) here, every --save-steps steps and at the end")
+    p.add_argument("--save-steps", type=int, default=500, help="steps between checkpoints (default 500)")
+    p.add_argument("--keep", type=int, default=3, help="complete checkpoints to keep, newest first (default 3)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in --checkpoint-dir, on this run's flavor and mesh")
     p.add_argument("--metrics-file", default=None,
                    help="append one JSON object per logged step: step, loss, duration, tokens_per_sec, learning_rate")
     return p.parse_args(argv)
@@ -89,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
             raise FlavorError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
     if args.max_steps is not None and args.max_steps < 1:
         raise FlavorError(f"--max-steps must be at least 1, not {args.max_steps}")
+    checkpoints = open_checkpoints(args)  # before any work: a bad folder fails fast
 
     accelerator = Accelerator(flavor)
     pretrained = Path(args.model_name_or_path).is_dir()
@@ -114,8 +121,16 @@ def run(args: argparse.Namespace) -> int:
                       micro_batches=args.micro_batches, remat=args.remat, params=load)
     where = f"{flavor} simulated CPU devices" if accelerator.simulated else f"{flavor} {accelerator.platform} device(s)"
     print(f"moai_jax: {config.model_type} {args.model_name_or_path} on {where}: {trainer.plan.summary()}")
-    print(f"Data: {len(dataset)} training rows of {args.block_size} tokens, packing efficiency "
+    print(f"Data: {len(dataset.train)} training rows of {args.block_size} tokens, packing efficiency "
           f"{dataset.packing_efficiency:.1%}, {total} steps")
+    start = 0
+    if args.resume:
+        saved = checkpoints.restore(trainer)
+        start = saved["step"]
+        batches = data.Batches(dataset, args.batch_size, seed=args.seed, epochs=args.epochs, position=saved["data_position"],
+                               process_index=jax.process_index(), process_count=jax.process_count())
+        print(f"Resumed from the checkpoint of step {start} in {checkpoints.directory} "
+              f"(saved at flavor {saved['plan']['flavor']})")
     print(f"Compiled the train step in {trainer.compile():.2f} s", flush=True)
 
     metrics_file = MetricsFile(args.metrics_file)
@@ -134,10 +149,13 @@ def run(args: argparse.Namespace) -> int:
                                 "tokens_per_sec": done["tokens_per_sec"], "learning_rate": float(schedule(step - 1)),
                                 "grad_norm": done["grad_norm"]})
 
-    for step, batch in enumerate(batches, start=1):
+    for step, batch in enumerate(batches, start=start + 1):
         if step > total:
             break
         report(timer.push(step, trainer.step(batch)))
+        if checkpoints and (step % args.save_steps == 0 or step == total):
+            checkpoints.save(trainer, step, data_position=batches.position, seed=args.seed,  # async
+                             run={"model_name_or_path": args.model_name_or_path, "total_steps": total})
         if args.eval_step and step % args.eval_step == 0:
             report(timer.finish())
             eval_batches = data.Batches(dataset, args.batch_size, seed=args.seed, split="eval",
@@ -146,12 +164,31 @@ def run(args: argparse.Namespace) -> int:
             timer = StepTimer(args.batch_size * args.block_size)
     report(timer.finish())
     metrics_file.close()
+    if checkpoints:
+        checkpoints.close()  # waits for the last save
 
     if args.save_model_dir:
         save_pretrained(trainer.model, args.save_model_dir)
         tokenizer.save_pretrained(args.save_model_dir)
     print(summary(len(rates), len(rates) * args.batch_size * args.block_size, rates, final_loss, args.save_model_dir))
     return 0
+
+
+def open_checkpoints(args: argparse.Namespace):
+    """The run's checkpoint folder, checked writable (and, with --resume, holding a checkpoint), or None."""
+    from moai_jax.checkpoint import Checkpoints
+    from moai_jax.errors import CheckpointError
+
+    if args.checkpoint_dir is None:
+        if args.resume:
+            raise CheckpointError("--resume needs --checkpoint-dir, the folder of the run to continue")
+        return None
+    if args.save_steps < 1:
+        raise CheckpointError(f"--save-steps must be at least 1, not {args.save_steps}")
+    checkpoints = Checkpoints(args.checkpoint_dir, keep=args.keep)
+    if args.resume:
+        checkpoints.metadata()  # CheckpointError when there is none
+    return checkpoints
 
 
 if __name__ == "__main__":

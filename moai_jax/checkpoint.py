@@ -1,0 +1,226 @@
+"""Training checkpoints: save, keep the last few, restore onto any flavor; export to Hugging Face format.
+
+    checkpoints = Checkpoints("runs/ckpt", keep=3)             # CheckpointError if it cannot be written
+    checkpoints.save(trainer, step, data_position=batches.position, seed=0)   # async: training goes on
+    saved = checkpoints.restore(trainer)                       # latest complete one, onto trainer's plan
+    batches = Batches(data, 32, position=saved["data_position"])
+    checkpoints.close()                                        # waits for the last save
+    export("runs/ckpt", "runs/model")                          # config.json + safetensors + tokenizer
+
+A checkpoint is one Orbax step folder with three items: `params` (the model's parameters),
+`train` (optimizer state, step counter, the model's non-parameter state such as random streams) and
+`metadata` (JSON: step, data position, seed, the Plan, the model config and the run's settings).
+Orbax writes each save into a temporary folder and renames it when complete, so a crash mid-save
+leaves the previous checkpoints whole; the stale temporary folder is removed on the next start.
+
+Restoring reads every array straight onto the shards of the *restoring* trainer's plan (abstract
+arrays carrying the target shardings): a run saved on 8 devices resumes on 1 or 16 without the
+model ever being gathered on one device. The learning-rate schedule lives in the optimizer state's
+step count, so it continues exactly too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from moai_jax.errors import CheckpointError
+from moai_jax.train import TrainState
+
+FORMAT = 1  # bumped when the layout of a checkpoint changes
+
+
+def _json(value: Any) -> Any:
+    """`value` as it reads back from JSON (tuples become lists), for comparing with saved metadata."""
+    return json.loads(json.dumps(value))
+
+
+def config_dict(config: Any) -> dict | None:
+    return None if config is None else _json(dataclasses.asdict(config))
+
+
+def _check_writable(directory: Path) -> None:
+    """Create `directory` if needed and prove a file can be written there, before any training runs."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".moai-write-test-{uuid.uuid4().hex}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise CheckpointError(f"cannot write checkpoints to {directory} ({reason}); pass a --checkpoint-dir "
+                              "this user can write to") from None
+
+
+def _abstract(tree: Any, shardings: Any) -> Any:
+    """Shape, dtype and *target* sharding of every array: what Orbax restores onto, shard by shard."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+class Checkpoints:
+    """The checkpoints of one run in `directory`; the last `keep` complete ones are kept."""
+
+    def __init__(self, directory: str | Path, *, keep: int | None = 3, writable: bool = True):
+        self.directory = Path(directory).absolute()
+        if keep is not None and keep < 1:
+            raise CheckpointError(f"--keep must be at least 1, not {keep}")
+        if writable:
+            _check_writable(self.directory)
+        elif not self.directory.is_dir():
+            raise CheckpointError(f"no checkpoint folder at {self.directory}; pass the --checkpoint-dir of a run")
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=writable, create=writable,
+                                               cleanup_tmp_directories=writable, read_only=not writable)
+        self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                              item_names=("params", "train", "metadata"))
+
+    # -- reading ---------------------------------------------------------------------------------
+    def steps(self) -> list[int]:
+        """Steps of the complete checkpoints, oldest first (a save cut short by a crash is not one)."""
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def _step_or_latest(self, step: int | None) -> int:
+        steps = self.steps()
+        if not steps:
+            raise CheckpointError(f"no checkpoint in {self.directory} to resume from; run without --resume to "
+                                  "start fresh, or pass the --checkpoint-dir of an earlier run")
+        if step is None:
+            return steps[-1]
+        if step not in steps:
+            raise CheckpointError(f"no checkpoint of step {step} in {self.directory}; it holds steps "
+                                  f"{', '.join(map(str, steps))}")
+        return step
+
+    def metadata(self, step: int | None = None) -> dict:
+        """The JSON metadata of a checkpoint (the latest by default): step, data position, plan, model..."""
+        step = self._step_or_latest(step)
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
+        except Exception as e:  # noqa: BLE001 - Orbax raises many kinds for a damaged folder
+            raise CheckpointError(f"checkpoint of step {step} in {self.directory} has no readable metadata "
+                                  f"({type(e).__name__}); it was not written by moai_jax") from None
+        meta = restored["metadata"]
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise CheckpointError(f"checkpoint of step {step} in {self.directory} was not written by this "
+                                  "version of moai_jax")
+        return meta
+
+    def restore(self, trainer, step: int | None = None) -> dict:
+        """Load a checkpoint (the latest by default) into `trainer.state`, each array straight onto the
+        shards of the trainer's own plan. Returns the checkpoint's metadata."""
+        step = self._step_or_latest(step)
+        meta = self.metadata(step)
+        mine = config_dict(trainer.config)
+        if meta.get("model_config") != mine:
+            diff = sorted(k for k in set(meta.get("model_config") or {}) | set(mine or {})
+                          if (meta.get("model_config") or {}).get(k) != (mine or {}).get(k))
+            raise CheckpointError(f"checkpoint of step {step} in {self.directory} holds another model (it differs in "
+                                  f"{', '.join(diff) or 'its config'}); resume with the model it was saved from")
+        state, shardings = trainer.state, trainer.state_shardings
+        train_tree = {"opt_state": state.opt_state, "step": state.step, "rest": trainer._rest}
+        train_shardings = {"opt_state": shardings.opt_state, "step": shardings.step,
+                           "rest": jax.tree.map(lambda _: trainer._replicated, trainer._rest)}
+        args = ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(state.params, shardings.params)),
+                                  train=ocp.args.StandardRestore(_abstract(train_tree, train_shardings)))
+        try:
+            restored = self._manager.restore(step, args=args)
+        except Exception as e:  # noqa: BLE001
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise CheckpointError(f"checkpoint of step {step} in {self.directory} does not fit this model and "
+                                  f"optimizer ({type(e).__name__}: {first[:200]})") from None
+        train = restored["train"]
+        trainer.state = TrainState(params=restored["params"], opt_state=train["opt_state"], step=train["step"])
+        trainer._rest = train["rest"]
+        return meta
+
+    # -- writing ---------------------------------------------------------------------------------
+    def save(self, trainer, step: int, *, data_position: dict | None = None, seed: int | None = None,
+             run: dict | None = None, force: bool = False) -> bool:
+        """Start saving `trainer`'s state as checkpoint `step` and return: the arrays are copied off
+        the devices now, written in the background. Waits for the previous save first."""
+        meta = {"format": FORMAT, "step": int(step), "data_position": data_position, "seed": seed,
+                "plan": trainer.plan.to_dict(), "model_config": config_dict(trainer.config), "run": run or {}}
+        state = trainer.state
+        args = ocp.args.Composite(
+            params=ocp.args.StandardSave(state.params),
+            train=ocp.args.StandardSave({"opt_state": state.opt_state, "step": state.step, "rest": trainer._rest}),
+            metadata=ocp.args.JsonSave(_json(meta)))
+        try:
+            return self._manager.save(int(step), args=args, force=force)
+        except OSError as e:
+            raise CheckpointError(f"cannot write checkpoint {step} to {self.directory}: {e.strerror or e}") from None
+
+    def wait(self) -> None:
+        """Block until the save in flight, if any, is complete on disk."""
+        try:
+            self._manager.wait_until_finished()
+        except OSError as e:
+            raise CheckpointError(f"a checkpoint save to {self.directory} failed: {e.strerror or e}") from None
+
+    def close(self) -> None:
+        """Wait for the last save, then release the manager."""
+        self.wait()
+        self._manager.close()
+
+    def __enter__(self) -> Checkpoints:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def export(checkpoint_dir: str | Path, save_model_dir: str | Path, *, step: int | None = None,
+           dtype: str | None = None, tokenizer: Any = None) -> Path:
+    """Write a checkpoint's model (the latest by default) in Hugging Face format: config.json,
+    safetensors and, when the run's tokenizer can be found (or `tokenizer` is given), its files.
+
+    The parameters are restored over this process's devices, sharded as FSDP, and gathered to the
+    host one tensor at a time by `save_pretrained`."""
+    from flax import nnx
+
+    from moai_jax.models import Decoder, ModelConfig, save_pretrained
+    from moai_jax.sharding.mesh import MeshShape, make_mesh
+    from moai_jax.sharding.rules import tree_shardings
+
+    checkpoints = Checkpoints(checkpoint_dir, writable=False)
+    step = checkpoints._step_or_latest(step)
+    meta = checkpoints.metadata(step)
+    config = ModelConfig(**meta["model_config"])
+    devices = jax.devices()
+    mesh = make_mesh(MeshShape(data=1, fsdp=len(devices), tensor=1), devices)
+    abstract = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0)))
+    graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
+    shapes = nnx.to_pure_dict(abstract_params)
+    shardings = tree_shardings(nnx.to_pure_dict(nnx.get_partition_spec(abstract_params)), shapes, mesh)
+    try:
+        restored = checkpoints._manager.restore(
+            step, args=ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(shapes, shardings))))
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"cannot read the parameters of checkpoint {step} in {checkpoints.directory} "
+                              f"({type(e).__name__})") from None
+    nnx.replace_by_pure_dict(abstract_params, restored["params"])
+    model = nnx.merge(graphdef, abstract_params, rest)
+    out = Path(save_model_dir)
+    try:
+        save_pretrained(model, out, dtype=dtype)
+    except OSError as e:
+        raise CheckpointError(f"cannot write the model to {out} ({e.strerror or e}); pass a writable "
+                              "--save-model-dir") from None
+    if tokenizer is None:
+        source = (meta.get("run") or {}).get("model_name_or_path")
+        if source is not None:
+            from moai_jax.data import load_tokenizer_for
+            tokenizer = load_tokenizer_for(source)
+    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(str(out))
+    checkpoints.close()
+    return out
