@@ -18,7 +18,9 @@ Public API:
   `eval_fraction` of the documents, drawn with `seed`, is held out. Tokenizing shows a progress bar
   and is cached by `datasets` (under `cache_dir`, default the `datasets` cache).
 - `Batches(data, batch_size, *, seed=0, epochs=1, split="train", process_index=0, process_count=1,
-  position=None)`: the global batches of a split (see `data_batches.py`).
+  position=None)`: this process's slice of the global batches of a split, in a fixed order for the
+  seed; `.steps` (one pass per epoch), `.position` (plain state for a checkpoint; pass it back as
+  `position=` to continue with the next batch). See `data_batches.py`.
 
 A batch is a dict of int32 arrays [rows, block_size]: `input_ids`; `labels`, the token that should
 follow each input token, -100 where there is no loss (prompt, padding, the last token of a
@@ -92,7 +94,10 @@ def _check_model_fit(tokenizer, block_size: int, max_positions: int | None, voca
         )
 
 
-def _one_line(error: Exception) -> str:
+def _one_line(error: BaseException) -> str:
+    """The first line of the error's root cause."""
+    while error.__cause__ is not None:
+        error = error.__cause__
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
 
@@ -111,6 +116,8 @@ def _read(name_or_path: str, cache_dir: str | None) -> dict:
             builder = BUILDERS.get(os.path.splitext(path)[1])
             if builder is None:
                 raise DataError(f"cannot read {name_or_path}: use a {', '.join(BUILDERS)} file")
+            if os.path.getsize(path) == 0:
+                raise DataError(f"data set {name_or_path} is empty")
             extra = {"sample_by": "paragraph"} if builder == "text" else {}
             loaded = datasets.load_dataset(builder, data_files=path, cache_dir=cache_dir, **extra)
         elif os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json")):
@@ -127,10 +134,13 @@ def _read(name_or_path: str, cache_dir: str | None) -> dict:
             raise DataError(f"no data set file or folder at {name_or_path}")
         else:
             name, _, config = name_or_path.partition(":")
-            loaded = datasets.load_dataset(name, config or None, cache_dir=cache_dir)
+            try:
+                loaded = datasets.load_dataset(name, config or None, cache_dir=cache_dir)
+            except Exception as e:
+                raise DataError(f"cannot read data set {name_or_path} from the hub ({_one_line(e)}); name a local file or folder") from None
     except DataError:
         raise
-    except Exception as e:  # datasets raises many kinds: empty files, bad JSON, offline hub, unknown names
+    except Exception as e:  # datasets raises many kinds: bad JSON, mixed columns, unreadable files
         raise DataError(f"cannot read data set {name_or_path}: {_one_line(e)}") from None
     return {"train": loaded} if isinstance(loaded, datasets.Dataset) else dict(loaded)
 

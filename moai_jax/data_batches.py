@@ -1,8 +1,9 @@
 """Global batches in a fixed order for a seed, each process's slice of them, and a resumable position.
 
 Epoch e visits the rows of a split in the order `default_rng([seed, e]).permutation(rows)`, in
-batches of `batch_size` rows; the last partial batch of each epoch is dropped, so there are
-`rows // batch_size` steps per epoch. Process p of P yields rows `[p*B/P, (p+1)*B/P)` of each global
+batches of `batch_size` rows. Training drops the last partial batch of each epoch, so there are
+`rows // batch_size` steps per epoch; the eval split visits every row once, its last batch filled
+with empty rows (no loss), so there are `ceil(rows / batch_size)`. Process p of P yields rows `[p*B/P, (p+1)*B/P)` of each global
 batch. `position` is a plain dict naming the next step; a checkpoint stores it and
 `Batches(..., position=saved)` continues with the exact next batch, with any number of processes.
 """
@@ -35,7 +36,9 @@ class Batches:
         rows = len(self._rows)
         if batch_size < 1 or batch_size % process_count:
             raise DataError(f"batch size {batch_size} does not split over {process_count} processes; use a multiple of {process_count}")
-        if rows < batch_size:
+        if rows == 0:
+            raise DataError(f"the {split} split has no rows; hold out some data (eval_fraction) or add a validation split")
+        if rows < batch_size and split == "train":
             fits = rows - rows % process_count
             advice = f"use a batch size of at most {fits} (--batch-size)" if fits else "use more data"
             raise DataError(
@@ -43,7 +46,7 @@ class Batches:
                 f"{advice} or a smaller block size"
             )
         self.batch_size, self.seed, self.split = batch_size, seed, split
-        self.steps_per_epoch = rows // batch_size
+        self.steps_per_epoch = rows // batch_size if split == "train" else -(-rows // batch_size)
         self.steps = self.steps_per_epoch * epochs
         self._slice = slice(process_index * batch_size // process_count, (process_index + 1) * batch_size // process_count)
         self._step = 0
@@ -73,6 +76,7 @@ class Batches:
             epoch, index = divmod(self._step, self.steps_per_epoch)
             if epoch != order_epoch:
                 order, order_epoch = np.random.default_rng([self.seed, epoch]).permutation(len(self._rows)), epoch
+                order = np.concatenate([order, np.full(-len(order) % self.batch_size, -1)])
             rows = order[index * self.batch_size : (index + 1) * self.batch_size][self._slice]
             self._step += 1
             yield self._rows.batch(rows)

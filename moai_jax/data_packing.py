@@ -52,7 +52,7 @@ class Rows:
         return float(self.piece_lengths.sum()) / max(1, len(self) * self.block_size)
 
     def batch(self, row_ids: np.ndarray) -> dict[str, np.ndarray]:
-        """The batch arrays of these rows, each int32 [len(row_ids), block_size]."""
+        """The batch arrays of these rows, each int32 [len(row_ids), block_size]; row id -1 is an empty row."""
         shape = (len(row_ids), self.block_size)
         input_ids = np.full(shape, self.pad_id, np.int32)
         labels = np.full(shape, IGNORE, np.int32)
@@ -60,7 +60,8 @@ class Rows:
         positions = np.zeros(shape, np.int32)
         for r, row in enumerate(row_ids):
             at = 0
-            for segment, piece in enumerate(range(self.row_start[row], self.row_start[row + 1]), start=1):
+            pieces = range(self.row_start[row], self.row_start[row + 1]) if row >= 0 else ()
+            for segment, piece in enumerate(pieces, start=1):
                 start, n = self.piece_starts[piece], self.piece_lengths[piece]
                 tokens = self.docs.tokens[start : start + n]
                 input_ids[r, at : at + n] = tokens

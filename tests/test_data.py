@@ -97,6 +97,14 @@ def test_epochs_are_reshuffled(builtin):
     assert np.array_equal(np.stack([b["input_ids"] for b in Batches(builtin, 8, seed=0, epochs=2)]), first)
 
 
+def test_eval_visits_every_row_once(builtin):
+    rows = len(builtin.eval)
+    batches = list(Batches(builtin, rows + 3, split="eval"))
+    assert len(batches) == 1 and batches[0]["input_ids"].shape[0] == rows + 3
+    filled = batches[0]["segment_ids"].max(axis=1) > 0
+    assert filled.sum() == rows and np.all(batches[0]["labels"][~filled] == -100)
+
+
 def test_resume_with_other_settings_is_refused(builtin):
     position = Batches(builtin, 8, seed=1).position
     with pytest.raises(DataError, match="batch_size 8 but this run has batch_size 4"):
@@ -246,7 +254,7 @@ def test_preset_gets_the_byte_tokenizer():
     "make, kwargs, message",
     [
         (lambda d: d / "missing.jsonl", {}, "no data set file or folder at .*missing.jsonl"),
-        (lambda d: (d / "empty.jsonl").write_text("") and d / "empty.jsonl" or d / "empty.jsonl", {}, "empty"),
+        (lambda d: write_jsonl(d / "empty.jsonl", []), {}, "data set .*empty.jsonl is empty"),
         (lambda d: write_jsonl(d / "blank.jsonl", [{"text": " "}]), {}, "has no text in its text column"),
         (lambda d: write_jsonl(d / "qa.jsonl", [{"question": "q", "answer": "a"}]), {},
          r"has columns question, answer, but moai_jax reads \(instructions: messages, instruction/output"),
