@@ -93,7 +93,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.
         grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "tokens": tokens}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": tokens}
     return TrainState(params=params, opt_state=opt_state, step=state.step + 1), metrics
 
 
