@@ -42,6 +42,21 @@ class ByteTokenizer:
         kept = [int(i) for i in ids if not (skip_special_tokens and int(i) in special)]
         return bytes(kept).decode("utf-8", errors="replace")
 
+    def save_pretrained(self, path: str) -> None:
+        """Write a Hugging Face tokenizer folder that gives the same ids (`AutoTokenizer` reads it)."""
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+        from transformers import PreTrainedTokenizerFast
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+        special = {self.pad_token_id: "<pad>", self.bos_token_id: "<s>", self.eos_token_id: "</s>"}
+        vocab = {special.get(byte, char): byte for byte, char in bytes_to_unicode().items()}
+        tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", self.bos_token_id)])
+        fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+        fast.save_pretrained(path)
+
 
 def load_tokenizer_for(model_name_or_path: str):
     """The tokenizer of a model: a Hugging Face model folder's own, or the byte tokenizer for a preset name."""

@@ -250,6 +250,16 @@ def test_preset_gets_the_byte_tokenizer():
     assert tokenizer.decode(tokenizer.encode("héllo")) == "\x01héllo"
 
 
+def test_byte_tokenizer_saves_as_a_hugging_face_tokenizer(tmp_path):
+    ByteTokenizer().save_pretrained(str(tmp_path))
+    saved, tokenizer = load_tokenizer_for(str(tmp_path)), ByteTokenizer()
+    assert len(saved) == 256 and (saved.bos_token_id, saved.eos_token_id, saved.pad_token_id) == (1, 2, 0)
+    text = "héllo, 世界!\n\n### Response:\n  x"
+    assert saved.encode(text) == tokenizer.encode(text)
+    assert saved(text, add_special_tokens=False)["input_ids"] == tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert saved.decode(tokenizer.encode(text), skip_special_tokens=True) == text
+
+
 @pytest.mark.parametrize(
     "make, kwargs, message",
     [
