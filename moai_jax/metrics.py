@@ -18,7 +18,7 @@ import numpy as np
 
 def step_line(step: int, total: int, loss: float, duration: float, tokens_per_sec: float) -> str:
     """MoAI's log line; the loss at its full float32 precision (shortest exact form)."""
-    return (f"[Step {step}/{total}] | Loss: {np.float32(loss)} | Duration: {duration:.2f} | "
+    return (f"[Step {step}/{total}] | Loss: {str(np.float32(loss))} | Duration: {duration:.2f} | "
             f"Throughput: {tokens_per_sec:.2f} tokens/sec")
 
 
