@@ -114,23 +114,34 @@ class Checkpoints:
                                   "version of moai_jax")
         return meta
 
-    def restore(self, trainer, step: int | None = None) -> dict:
-        """Load a checkpoint (the latest by default) into `trainer.state`, each array straight onto the
-        shards of the trainer's own plan. Returns the checkpoint's metadata."""
+    def check_model(self, config: Any, step: int | None = None) -> dict:
+        """The checkpoint's metadata, or a CheckpointError when it holds a model other than `config`."""
         step = self._step_or_latest(step)
         meta = self.metadata(step)
-        mine = config_dict(trainer.config)
-        if meta.get("model_config") != mine:
-            diff = sorted(k for k in set(meta.get("model_config") or {}) | set(mine or {})
-                          if (meta.get("model_config") or {}).get(k) != (mine or {}).get(k))
-            raise CheckpointError(f"checkpoint of step {step} in {self.directory} holds another model (it differs in "
-                                  f"{', '.join(diff) or 'its config'}); resume with the model it was saved from")
+        saved, mine = meta.get("model_config") or {}, config_dict(config) or {}
+        if saved != mine:
+            diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+            shown = ", ".join(f"{k} {saved.get(k)} (now {mine.get(k)})" for k in diff[:3])
+            raise CheckpointError(f"checkpoint of step {step} in {self.directory} holds another model ({shown}); "
+                                  "resume with the model it was saved from, or use another --checkpoint-dir")
+        return meta
+
+    def restore(self, trainer, step: int | None = None) -> dict:
+        """Load a checkpoint (the latest by default) into `trainer.state`, each array straight onto the
+        shards of the trainer's own plan; the trainer's current arrays are freed first, so the devices
+        never hold two copies. Returns the checkpoint's metadata."""
+        step = self._step_or_latest(step)
+        meta = self.check_model(trainer.config, step)
         state, shardings = trainer.state, trainer.state_shardings
         train_tree = {"opt_state": state.opt_state, "step": state.step, "rest": trainer._rest}
         train_shardings = {"opt_state": shardings.opt_state, "step": shardings.step,
                            "rest": jax.tree.map(lambda _: trainer._replicated, trainer._rest)}
         args = ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(state.params, shardings.params)),
                                   train=ocp.args.StandardRestore(_abstract(train_tree, train_shardings)))
+        for array in jax.tree.leaves((state, trainer._rest)):  # free the devices for the restored copy
+            if isinstance(array, jax.Array):
+                array.delete()
+        trainer.state = None
         try:
             restored = self._manager.restore(step, args=args)
         except Exception as e:  # noqa: BLE001
@@ -178,24 +189,20 @@ class Checkpoints:
         self.close()
 
 
-def export(checkpoint_dir: str | Path, save_model_dir: str | Path, *, step: int | None = None,
-           dtype: str | None = None, tokenizer: Any = None) -> Path:
-    """Write a checkpoint's model (the latest by default) in Hugging Face format: config.json,
-    safetensors and, when the run's tokenizer can be found (or `tokenizer` is given), its files.
-
-    The parameters are restored over this process's devices, sharded as FSDP, and gathered to the
-    host one tensor at a time by `save_pretrained`."""
+def load_model(checkpoint_dir: str | Path, step: int | None = None, devices: list | None = None):
+    """The model of a checkpoint (the latest by default) and its metadata. The parameters are
+    restored over `devices` (default: all of this process's), sharded as FSDP, never whole on one."""
     from flax import nnx
 
-    from moai_jax.models import Decoder, ModelConfig, save_pretrained
+    from moai_jax.models import Decoder, ModelConfig
     from moai_jax.sharding.mesh import MeshShape, make_mesh
     from moai_jax.sharding.rules import tree_shardings
 
-    checkpoints = Checkpoints(checkpoint_dir, writable=False)
+    checkpoints = Checkpoints(checkpoint_dir, keep=None, writable=False)
     step = checkpoints._step_or_latest(step)
     meta = checkpoints.metadata(step)
     config = ModelConfig(**meta["model_config"])
-    devices = jax.devices()
+    devices = devices or jax.devices()
     mesh = make_mesh(MeshShape(data=1, fsdp=len(devices), tensor=1), devices)
     abstract = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0)))
     graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
@@ -207,8 +214,20 @@ def export(checkpoint_dir: str | Path, save_model_dir: str | Path, *, step: int 
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"cannot read the parameters of checkpoint {step} in {checkpoints.directory} "
                               f"({type(e).__name__})") from None
+    finally:
+        checkpoints.close()
     nnx.replace_by_pure_dict(abstract_params, restored["params"])
-    model = nnx.merge(graphdef, abstract_params, rest)
+    return nnx.merge(graphdef, abstract_params, rest), meta
+
+
+def export(checkpoint_dir: str | Path, save_model_dir: str | Path, *, step: int | None = None,
+           dtype: str | None = None, tokenizer: Any = None) -> Path:
+    """Write a checkpoint's model (the latest by default) in Hugging Face format: config.json,
+    safetensors (gathered to the host one tensor at a time) and, when the run's tokenizer can be
+    found (or `tokenizer` is given) and can save itself, its files."""
+    from moai_jax.models import save_pretrained
+
+    model, meta = load_model(checkpoint_dir, step)
     out = Path(save_model_dir)
     try:
         save_pretrained(model, out, dtype=dtype)
@@ -222,5 +241,4 @@ def export(checkpoint_dir: str | Path, save_model_dir: str | Path, *, step: int 
             tokenizer = load_tokenizer_for(source)
     if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(str(out))
-    checkpoints.close()
     return out

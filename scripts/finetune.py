@@ -101,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
     pretrained = Path(args.model_name_or_path).is_dir()
     config = (ModelConfig.from_pretrained(args.model_name_or_path) if pretrained
               else ModelConfig.preset(args.model_name_or_path))
+    if args.resume:
+        checkpoints.check_model(config)  # before loading anything big
     dtype = args.dtype if args.dtype != "auto" else ("float32" if accelerator.platform == "cpu" else "bfloat16")
 
     tokenizer = data.load_tokenizer_for(args.model_name_or_path)
@@ -116,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
 
     build = lambda: Decoder(config, rngs=nnx.Rngs(args.seed), dtype=jnp.dtype(dtype))  # noqa: E731
     load = (lambda shardings: load_pretrained(args.model_name_or_path, dtype=jnp.dtype(dtype), shardings=shardings)
-            ) if pretrained else None
+            ) if pretrained and not args.resume else None  # on --resume the checkpoint's weights replace them
     trainer = Trainer(build, optimizer, args.batch_size, args.block_size, accelerator, args.mesh,
                       micro_batches=args.micro_batches, remat=args.remat, params=load)
     where = f"{flavor} simulated CPU devices" if accelerator.simulated else f"{flavor} {accelerator.platform} device(s)"

@@ -1,0 +1,43 @@
+"""Export a training checkpoint as a Hugging Face model folder (config.json, safetensors, tokenizer).
+
+    python scripts/export.py --checkpoint-dir runs/ckpt --save-model-dir runs/model
+    python scripts/export.py --checkpoint-dir runs/ckpt --step 1000 --save-model-dir runs/model-1000 --dtype bfloat16
+
+The folder loads with `transformers.AutoModelForCausalLM.from_pretrained(...)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint-dir", required=True, help="the --checkpoint-dir of a finetune.py run")
+    p.add_argument("--save-model-dir", required=True, help="write the Hugging Face model folder here")
+    p.add_argument("--step", type=int, default=None, help="the checkpoint's step (default: the latest)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="convert the weights on the way out (default: as trained, float32)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from absl import logging as absl_logging
+
+    from moai_jax.checkpoint import export
+    absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax's notes about opening a folder read-only
+    from moai_jax.errors import MoaiError
+
+    try:
+        out = export(args.checkpoint_dir, args.save_model_dir, step=args.step, dtype=args.dtype)
+    except MoaiError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"Model: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
