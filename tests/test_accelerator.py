@@ -1,0 +1,45 @@
+"""Flavors: what a user may ask for, and the errors that say what to change."""
+
+import pytest
+
+from moai_jax.accelerator import Accelerator, detect_hardware, hardware_profile, parse_flavor
+from moai_jax.errors import FlavorError
+from moai_jax.sharding.mesh import MeshShape, check_mesh
+
+
+@pytest.mark.parametrize("bad", ["0", "-3", "eight", "2.5", ""])
+def test_bad_flavor_says_what_to_pass(bad):
+    with pytest.raises(FlavorError, match="flavor"):
+        parse_flavor(bad)
+
+
+def test_flavor_uses_that_many_simulated_devices():
+    acc = Accelerator(4)
+    assert acc.flavor == 4 and len(acc.devices) == 4 and acc.simulated
+    assert acc.hardware.name == detect_hardware(acc.devices[0]) == "cpu"
+
+
+def test_flavor_beyond_the_started_devices_says_how_to_start_jax():
+    with pytest.raises(FlavorError, match="xla_force_host_platform_device_count=16"):
+        Accelerator(16)
+
+
+def test_hardware_profile_overrides_and_unknown_names():
+    assert hardware_profile("mi250", device_memory=300 * 10**6).memory_bytes == 300 * 10**6
+    with pytest.raises(FlavorError, match="h100"):
+        hardware_profile("tpu-v9")
+
+
+@pytest.mark.parametrize("text", ["data=2,fsdp=x", "data=0", "pipeline=2", "data=-1"])
+def test_bad_mesh_text(text):
+    with pytest.raises(FlavorError, match="data=D,fsdp=F,tensor=T"):
+        MeshShape.parse(text)
+
+
+def test_mesh_checks_name_the_fix():
+    with pytest.raises(FlavorError, match="make data × fsdp × tensor = 8"):
+        check_mesh(MeshShape(data=2, fsdp=2), 8)
+    with pytest.raises(FlavorError, match="choose tensor from"):
+        check_mesh(MeshShape(tensor=8), 8, num_heads=4, num_kv_heads=2)
+    with pytest.raises(FlavorError, match="multiple of 8"):
+        check_mesh(MeshShape(fsdp=8), 8, batch_size=12)

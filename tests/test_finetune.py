@@ -1,0 +1,71 @@
+"""The main job as a user runs it: `python scripts/finetune.py --flavor 8`, and its bad inputs."""
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "finetune.py"
+STEP_LINE = re.compile(r"^\[Step (\d+)/(\d+)\] \| Loss: (\S+) \| Duration: \d+\.\d\d \| Throughput: \d+\.\d\d tokens/sec$")
+
+
+def run_script(*args, cwd=ROOT):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)  # the script simulates its flavor's devices itself
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, cwd=cwd,
+                          timeout=600)
+
+
+def finetune_main():
+    spec = importlib.util.spec_from_file_location("finetune", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_default_main_job_learns(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    result = run_script("--flavor", "8", "--metrics-file", str(metrics))
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert "flavor 8" in lines[0] and "mesh data=" in lines[0]
+    assert any(line.startswith("Compiled the train step in ") for line in lines)
+    steps = [STEP_LINE.match(line) for line in lines if line.startswith("[Step ")]
+    assert steps and all(steps), [line for line in lines if line.startswith("[Step ")][:3]
+    total = int(steps[0].group(2))
+    assert [int(m.group(1)) for m in steps] == list(range(1, total + 1))
+    first, last = float(steps[0].group(3)), float(steps[-1].group(3))
+    assert last <= 0.7 * first, (first, last)
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, total + 1))
+    assert {"step", "loss", "duration", "tokens_per_sec", "learning_rate"} <= set(records[0])
+    assert records[-1]["loss"] == pytest.approx(last, rel=1e-6)
+    assert lines[-2].startswith(f"Done: {total} steps")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--flavor", "0"], "flavor must be at least 1"),
+    (["--flavor", "-2"], "flavor must be at least 1"),
+    (["--flavor", "eight"], "flavor must be a whole number"),
+    (["--flavor", "8", "--mesh", "data=2,fsdp=2"], "make data × fsdp × tensor = 8"),
+    (["--flavor", "8", "--batch-size", "12", "--mesh", "data=8"], "multiple of 8"),
+    (["--flavor", "8", "--mesh", "tensor=8"], "choose tensor from"),
+    (["--flavor", "1", "--model-name-or-path", "llama9-1t"], "llama3-8b"),
+    (["--flavor", "1", "--batch-size", "0"], "--batch-size must be at least 1"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message, capsys):
+    assert finetune_main()(args + ["--max-steps", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and message in err, err
+
+
+def test_bad_input_from_the_shell_has_no_traceback():
+    result = run_script("--flavor", "0")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: flavor must be at least 1 device, not 0"
