@@ -229,7 +229,7 @@ def torch_reference(args, config) -> dict:
         name = torch.cuda.get_device_name(0) if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
         return {"framework": "transformers (PyTorch)", "devices": 1, "device": f"1 × {name}", "dtype": dtype,
                 "remat": "gradient checkpointing" if checkpointing else "none", "step_seconds": step_seconds,
-                "tokens_per_sec": args.batch_size * args.block_size / step_seconds, "final_loss": float(loss),
+                "tokens_per_sec": args.batch_size * args.block_size / step_seconds, "final_loss": float(loss.detach()),
                 "measured_peak_bytes": torch.cuda.max_memory_allocated() if device == "cuda" else None,
                 "torch": torch.__version__, "transformers": transformers.__version__}
 
