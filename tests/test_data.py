@@ -200,30 +200,6 @@ def test_chat_without_template_trains_on_assistant_turns(tmp_path):
     assert ByteTokenizer().decode(labels[labels != -100]) == "hello\n\nsee you\n\n\x02"
 
 
-@pytest.fixture(scope="module")
-def bpe_tokenizer_dir(tmp_path_factory):
-    """A BPE tokenizer trained on the fixture text, saved as a Hugging Face tokenizer folder."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train([str(FIXTURES / "bpe_corpus.txt")], trainer)
-    from tokenizers import decoders
-
-    tokenizer.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
-    fast.chat_template = (
-        "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
-        "{% if add_generation_prompt %}<s>assistant: {% endif %}"
-    )
-    path = tmp_path_factory.mktemp("bpe") / "tokenizer"
-    fast.save_pretrained(str(path))
-    return path
-
-
 def test_bpe_tokenizer_from_a_folder(tmp_path, bpe_tokenizer_dir):
     tokenizer = load_tokenizer_for(str(bpe_tokenizer_dir))
     assert type(tokenizer).__name__ != "ByteTokenizer" and len(tokenizer) <= 300

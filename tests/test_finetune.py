@@ -69,3 +69,31 @@ def test_bad_input_from_the_shell_has_no_traceback():
     result = run_script("--flavor", "0")
     assert result.returncode == 2
     assert result.stderr.strip() == "error: flavor must be at least 1 device, not 0"
+
+
+def test_pretrained_directory_with_its_own_tokenizer(tmp_path, bpe_tokenizer_dir):
+    """A Hugging Face folder (random tiny Llama + a trained BPE tokenizer) in, fine-tuned folder out."""
+    import shutil
+
+    import torch
+    import transformers
+
+    model_dir = tmp_path / "tiny-llama"
+    shutil.copytree(bpe_tokenizer_dir, model_dir)
+    config = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(model_dir)
+    out = tmp_path / "out"
+    result = run_script("--flavor", "4", "--model-name-or-path", str(model_dir), "--dataset-name-or-path",
+                        str(ROOT / "tests" / "fixtures" / "bpe_corpus.txt"), "--batch-size", "4", "--block-size", "64",
+                        "--max-steps", "3", "--lr", "1e-3", "--save-model-dir", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sum(line.startswith("[Step ") for line in result.stdout.splitlines()) == 3
+    tuned = transformers.AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert len(tokenizer) == len(transformers.AutoTokenizer.from_pretrained(model_dir))
+    before = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
+    weight = "model.layers.0.mlp.down_proj.weight"
+    assert not torch.equal(tuned.state_dict()[weight], before.state_dict()[weight])  # it trained and saved
