@@ -43,8 +43,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="write the trained model here in Hugging Face format (config.json + safetensors)")
     p.add_argument("--seed", type=int, default=0, help="random seed for weights and data order (default 0)")
     p.add_argument("--mesh", default=None,
-                   help="fix the device mesh, e.g. data=2,fsdp=2,tensor=2 (product = flavor; default: every device "
-                        "holds a parameter shard and a slice of the batch)")
+                   help="fix the device mesh, e.g. data=2,fsdp=2,tensor=2 (product = flavor; default: automatic, "
+                        "chosen by the planner)")
+    p.add_argument("--hardware", default=None,
+                   help="hardware profile to plan for: h100, h200, a100-80gb, a100-40gb, mi250, mi300x, tpu-v5e, "
+                        "tpu-v5p, cpu (default: detected from the devices)")
+    p.add_argument("--device-memory", default=None, help="override the memory of one device, e.g. 64GB or 300MB")
+    p.add_argument("--devices-per-host", type=int, default=None, help="override how many devices share a host")
+    p.add_argument("--memory-fraction", type=float, default=0.8,
+                   help="share of each device's memory a plan may use, in (0, 1] (default 0.8)")
     p.add_argument("--micro-batches", type=int, default=None, help="split each step's batch into N micro-batches")
     p.add_argument("--remat", choices=("none", "matmuls", "full"), default=None,
                    help="recompute activations in backward: none, matmuls (save matmul outputs), full")
@@ -97,7 +104,10 @@ def run(args: argparse.Namespace) -> int:
         raise FlavorError(f"--max-steps must be at least 1, not {args.max_steps}")
     checkpoints = open_checkpoints(args)  # before any work: a bad folder fails fast
 
-    accelerator = Accelerator(flavor)
+    from moai_jax.planner.memory import parse_bytes
+
+    memory = parse_bytes(args.device_memory) if args.device_memory else None
+    accelerator = Accelerator(flavor, args.hardware, device_memory=memory, devices_per_host=args.devices_per_host)
     pretrained = Path(args.model_name_or_path).is_dir()
     config = (ModelConfig.from_pretrained(args.model_name_or_path) if pretrained
               else ModelConfig.preset(args.model_name_or_path))
@@ -120,7 +130,8 @@ def run(args: argparse.Namespace) -> int:
     load = (lambda shardings: load_pretrained(args.model_name_or_path, dtype=jnp.dtype(dtype), shardings=shardings)
             ) if pretrained and not args.resume else None  # on --resume the checkpoint's weights replace them
     trainer = Trainer(build, optimizer, args.batch_size, args.block_size, accelerator, args.mesh,
-                      micro_batches=args.micro_batches, remat=args.remat, params=load)
+                      micro_batches=args.micro_batches, remat=args.remat, params=load,
+                      memory_fraction=args.memory_fraction)
     where = f"{flavor} simulated CPU devices" if accelerator.simulated else f"{flavor} {accelerator.platform} device(s)"
     print(f"moai_jax: {config.model_type} {args.model_name_or_path} on {where}: {trainer.plan.summary()}")
     print(f"Data: {len(dataset.train)} training rows of {args.block_size} tokens, packing efficiency "
