@@ -8,6 +8,7 @@ micro-batches does not change it.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -28,7 +29,7 @@ class TrainState:
 
 def cross_entropy_sum(model: nnx.Module, batch: dict[str, jax.Array], loss_chunk: int | None = None) -> jax.Array:
     """Sum of token cross-entropies over labels != -100. With `loss_chunk`, logits exist only
-    `loss_chunk` positions at a time (recomputed in backward), never `[tokens, vocab]` at once."""
+    (a divisor of the length up to) `loss_chunk` positions at a time (recomputed in backward), never `[tokens, vocab]` at once."""
     hidden_BLE = model.hidden_states(batch["input_ids"], segment_ids=batch.get("segment_ids"),
                                      positions=batch.get("positions"))
     labels_BL = batch["labels"]
@@ -42,8 +43,7 @@ def cross_entropy_sum(model: nnx.Module, batch: dict[str, jax.Array], loss_chunk
     length = labels_BL.shape[1]
     if not loss_chunk or loss_chunk >= length:
         return chunk_sum(hidden_BLE, labels_BL)
-    if length % loss_chunk:
-        raise ValueError(f"loss chunk {loss_chunk} must divide the sequence length {length}")
+    loss_chunk = math.gcd(length, loss_chunk)  # the largest chunk up to loss_chunk that divides the length
     n = length // loss_chunk
     b, _, e = hidden_BLE.shape
     h_NBCE = hidden_BLE.reshape(b, n, loss_chunk, e).swapaxes(0, 1)
