@@ -104,12 +104,12 @@ class Trainer:
     def __init__(self, model: nnx.Module | Callable[[], nnx.Module], optimizer: optax.GradientTransformation,
                  batch_size: int, seq_len: int, accelerator: Accelerator, mesh: MeshShape | str | None = None, *,
                  micro_batches: int | None = None, remat: str | None = None, plan: Plan | None = None,
-                 params: Callable[[Any], nnx.Module | dict] | None = None):
+                 params: Callable[[Any], nnx.Module | dict] | None = None, memory_fraction: float = 0.8):
         self.accelerator = accelerator
         self.batch_size, self.seq_len = batch_size, seq_len
         abstract = nnx.eval_shape(model) if callable(model) and not isinstance(model, nnx.Module) else model
         self.config = getattr(abstract, "config", None)
-        self.plan = plan or self._manual_plan(abstract, mesh, micro_batches, remat)
+        self.plan = plan or self._auto_plan(abstract, optimizer, mesh, micro_batches, remat, memory_fraction)
         check_mesh(self.plan.mesh, accelerator.flavor, batch_size=batch_size, micro_batches=self.plan.micro_batches,
                    num_heads=getattr(self.config, "num_heads", None),
                    num_kv_heads=getattr(self.config, "num_kv_heads", None))
@@ -121,12 +121,20 @@ class Trainer:
         self.state, self._rest = self._init_state(model, optimizer, params)
         self._compiled: dict[frozenset[str], Any] = {}
 
-    def _manual_plan(self, abstract, mesh, micro_batches, remat) -> Plan:
-        shape = MeshShape.parse(mesh) if isinstance(mesh, str) else mesh or default_mesh_shape(self.accelerator.flavor)
-        dtype = getattr(abstract, "dtype", jnp.float32)
-        return Plan(flavor=self.accelerator.flavor, hardware=self.accelerator.hardware.name, mesh=shape,
-                    batch_size=self.batch_size, seq_len=self.seq_len, micro_batches=micro_batches or 1,
-                    remat=remat or "none", compute_dtype=jnp.dtype(dtype).name)
+    def _auto_plan(self, abstract, optimizer, mesh, micro_batches, remat, memory_fraction) -> Plan:
+        """The planner's choice with the user's fixed knobs honored (a mesh string fixes all three axes)."""
+        from moai_jax.planner import plan
+
+        shape = MeshShape.parse(mesh) if isinstance(mesh, str) else mesh
+        axes = {} if shape is None else {"data": shape.data, "fsdp": shape.fsdp, "tensor": shape.tensor}
+        dtype = jnp.dtype(getattr(abstract, "dtype", jnp.float32)).name
+        if self.config is None:  # not a moai_jax model: nothing to plan from, shard everything (ZeRO-3)
+            shape = shape or default_mesh_shape(self.accelerator.flavor)
+            return Plan(flavor=self.accelerator.flavor, hardware=self.accelerator.hardware.name, mesh=shape,
+                        batch_size=self.batch_size, seq_len=self.seq_len, micro_batches=micro_batches or 1,
+                        remat=remat or "none", compute_dtype=dtype)
+        return plan(self.config, self.batch_size, self.seq_len, self.accelerator, memory_fraction,
+                    micro_batches=micro_batches, remat=remat, compute_dtype=dtype, optimizer=optimizer, **axes)
 
     def _init_state(self, model, optimizer, load) -> tuple[TrainState, Any]:
         """Parameters and optimizer state placed on their shards (born there when `model` is a builder)."""

@@ -35,7 +35,10 @@ class Plan:
     estimated_tokens_per_sec: float | None = None
     estimated_mfu: float | None = None
     why: str = "mesh given by the user"
-    alternatives: tuple[dict[str, Any], ...] = ()
+    alternatives: tuple[dict[str, Any], ...] = ()  # the next-ranked candidates, each with why it lost
+    planning_seconds: dict[str, float] | None = None  # rank, verify, total
+    candidates_considered: int | None = None
+    candidates_fitting: int | None = None  # whose estimated memory fits the budget
 
     @property
     def batch_per_device(self) -> float:

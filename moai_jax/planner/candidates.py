@@ -1,0 +1,107 @@
+"""Candidates: every way to lay one step over the flavor, honoring the knobs the user fixed.
+
+data × fsdp × tensor = flavor (tensor inside one host and dividing the key/value heads), × remat
+(none / matmuls / full), × micro-batches (dividing the batch so every micro-batch splits evenly
+over data × fsdp), × loss (whole logits, or chunked over the sequence).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+from moai_jax.errors import FlavorError
+from moai_jax.models import ModelConfig
+from moai_jax.planner.memory import LOSS_CHUNK
+from moai_jax.planner.plan import LOSS_MODES, REMAT_POLICIES
+from moai_jax.sharding.mesh import MeshShape
+
+
+@dataclasses.dataclass(frozen=True)
+class Fixed:
+    """The knobs a user fixed (None: automatic)."""
+
+    data: int | None = None
+    fsdp: int | None = None
+    tensor: int | None = None
+    micro_batches: int | None = None
+    remat: str | None = None
+    loss: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Candidate:
+    mesh: MeshShape
+    micro_batches: int
+    remat: str
+    loss: str
+
+    def describe(self) -> str:
+        return f"mesh {self.mesh}, {self.micro_batches} micro-batch(es), remat {self.remat}, loss {self.loss}"
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def check_fixed(fixed: Fixed, flavor: int, config: ModelConfig, batch_size: int, seq_len: int,
+                devices_per_host: int) -> None:
+    """A FlavorError naming the knob to change when the fixed knobs cannot work together."""
+    for name in ("data", "fsdp", "tensor", "micro_batches"):
+        value = getattr(fixed, name)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise FlavorError(f"{name}={value!r}: give a whole number >= 1, or leave it automatic")
+    if fixed.remat is not None and fixed.remat not in REMAT_POLICIES:
+        raise FlavorError(f"remat={fixed.remat!r}: choose one of {', '.join(REMAT_POLICIES)}")
+    if fixed.loss is not None and fixed.loss not in LOSS_MODES:
+        raise FlavorError(f"loss={fixed.loss!r}: choose one of {', '.join(LOSS_MODES)}")
+    axes = {k: getattr(fixed, k) for k in ("data", "fsdp", "tensor") if getattr(fixed, k) is not None}
+    product = 1
+    for v in axes.values():
+        product *= v
+    if flavor % product or (len(axes) == 3 and product != flavor):
+        shown = " × ".join(f"{k}={v}" for k, v in axes.items())
+        raise FlavorError(f"fixed mesh axes {shown} = {product} devices do not "
+                          f"{'make' if len(axes) == 3 else 'divide'} the flavor's {flavor}; "
+                          f"choose axes whose product {'is' if len(axes) == 3 else 'divides'} {flavor}")
+    if fixed.tensor is not None:
+        if config.num_kv_heads % fixed.tensor or config.num_heads % fixed.tensor:
+            raise FlavorError(f"tensor={fixed.tensor} does not divide the model's {config.num_kv_heads} key/value "
+                              f"heads; choose tensor from {divisors(config.num_kv_heads)}")
+        if fixed.tensor > devices_per_host and flavor > devices_per_host:
+            raise FlavorError(f"tensor={fixed.tensor} exceeds the {devices_per_host} devices of one host; tensor "
+                              f"parallelism stays inside a host")
+    if fixed.micro_batches is not None and batch_size % fixed.micro_batches:
+        raise FlavorError(f"micro_batches={fixed.micro_batches} does not divide the batch size {batch_size}; "
+                          f"choose from {divisors(batch_size)}")
+    if fixed.loss == "chunked" and seq_len % LOSS_CHUNK and seq_len > LOSS_CHUNK:
+        raise FlavorError(f"loss='chunked' needs a sequence length that is a multiple of {LOSS_CHUNK}, "
+                          f"not {seq_len}")
+
+
+def meshes(flavor: int, config: ModelConfig, devices_per_host: int, fixed: Fixed = Fixed()) -> Iterator[MeshShape]:
+    """Every data × fsdp × tensor = flavor allowed by the model, the hosts and the fixed axes."""
+    for tensor in divisors(flavor):
+        if config.num_kv_heads % tensor or config.num_heads % tensor:
+            continue
+        if tensor > 1 and (tensor > devices_per_host or devices_per_host % tensor) and flavor > devices_per_host:
+            continue
+        for fsdp in divisors(flavor // tensor):
+            mesh = MeshShape(data=flavor // tensor // fsdp, fsdp=fsdp, tensor=tensor)
+            if all(getattr(fixed, a) in (None, getattr(mesh, a)) for a in ("data", "fsdp", "tensor")):
+                yield mesh
+
+
+def candidates(flavor: int, config: ModelConfig, batch_size: int, seq_len: int, devices_per_host: int,
+               fixed: Fixed = Fixed()) -> list[Candidate]:
+    """Every candidate, in a fixed order (the planner's ranking is deterministic)."""
+    remats = [fixed.remat] if fixed.remat else list(REMAT_POLICIES)
+    chunkable = seq_len > LOSS_CHUNK and seq_len % LOSS_CHUNK == 0
+    losses = [fixed.loss] if fixed.loss else ["whole", "chunked"] if chunkable else ["whole"]
+    out = []
+    for mesh in meshes(flavor, config, devices_per_host, fixed):
+        for mb in [fixed.micro_batches] if fixed.micro_batches else divisors(batch_size):
+            if (batch_size // mb) % mesh.batch_shards or batch_size % mb:
+                continue
+            out.extend(Candidate(mesh, mb, remat, loss) for remat in remats for loss in losses)
+    return out

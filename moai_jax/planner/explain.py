@@ -1,0 +1,95 @@
+"""Why a plan was chosen, why each alternative lost, and the short table scripts/plan.py prints."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from moai_jax.planner.plan import Plan
+
+TOP_ALTERNATIVES = 5
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def _compact(s) -> dict[str, Any]:
+    c = s.candidate
+    return {"mesh": {"data": c.mesh.data, "fsdp": c.mesh.fsdp, "tensor": c.mesh.tensor},
+            "micro_batches": c.micro_batches, "remat": c.remat, "loss": c.loss,
+            "estimated_bytes_per_device": s.memory["total"], "estimated_step_seconds": round(s.seconds["total"], 6)}
+
+
+def _slower_because(alt, chosen) -> str:
+    a, c = alt.seconds, chosen.seconds
+    ratio = a["total"] / c["total"] - 1
+    parts = {"more compute (recompute or smaller matmuls)": a["compute"] - c["compute"],
+             "exposed data/fsdp communication": max(0.0, a["data"] + a["fsdp"] - 0.8 * a["compute"])
+             - max(0.0, c["data"] + c["fsdp"] - 0.8 * c["compute"]),
+             "tensor-parallel all-reduces": a["tensor"] - c["tensor"]}
+    cause = max(parts, key=parts.get)
+    if ratio <= 0:
+        return "about as fast; the chosen layout is simpler"
+    return f"{ratio:.1%} slower: {cause}"
+
+
+def alternatives(chosen, fits, over, budget: int, rejected) -> list[dict[str, Any]]:
+    """The top alternatives after `chosen`, each with why it lost."""
+    out = [{**_compact(s), "why_not": reason} for s, reason in rejected]
+    for s in fits:
+        if len(out) >= TOP_ALTERNATIVES:
+            break
+        if s is not chosen and all(s is not r for r, _ in rejected):
+            out.append({**_compact(s), "why_not": _slower_because(s, chosen)})
+    faster_over = [s for s in over if s.seconds["total"] < chosen.seconds["total"]]
+    faster_over.sort(key=lambda s: s.seconds["total"])
+    for s in faster_over[:2]:
+        out.append({**_compact(s), "why_not": f"faster but needs {gib(s.memory['total'])}, over the "
+                                              f"{gib(budget)} budget"})
+    return out
+
+
+def why_chosen(s, fits, over, fixed) -> str:
+    c = s.candidate
+    reasons = []
+    if c.mesh.tensor == 1 and c.mesh.fsdp == 1:
+        reasons.append("replicated state fits, so the batch is split over every device with no parameter traffic")
+    elif c.mesh.fsdp > 1:
+        reasons.append(f"parameters, gradients and optimizer state sharded over fsdp={c.mesh.fsdp}")
+    if c.mesh.tensor > 1:
+        reasons.append(f"tensor={c.mesh.tensor} splits heads and MLP inside a host")
+    if c.remat != "none":
+        reasons.append(f"remat {c.remat} to keep activations within memory")
+    if c.micro_batches > 1:
+        reasons.append(f"{c.micro_batches} micro-batches to bound activations")
+    if c.loss == "chunked":
+        reasons.append("loss computed in chunks so whole float32 logits never exist")
+    return (f"fastest of {len(fits)} candidates that fit (of {len(fits) + len(over)}): " + "; ".join(reasons))
+
+
+def table(plan: Plan) -> str:
+    """The short human-readable report of a plan."""
+    m = plan.estimated_bytes_per_device or {}
+    t = plan.estimated_step_seconds or {}
+    lines = [f"Plan for flavor {plan.flavor} × {plan.hardware}, batch {plan.batch_size} × {plan.seq_len}",
+             f"  chosen: {plan.summary()}", f"  why:    {plan.why}", "", "  memory per device (estimated)"]
+    for k, v in m.items():
+        if k != "total" and v:
+            lines.append(f"    {k:<12} {gib(v):>12}")
+    budget = plan.budget_bytes_per_device or 0
+    lines.append(f"    {'total':<12} {gib(m.get('total', 0)):>12}   budget {gib(budget)}")
+    if plan.verified_bytes_per_device is not None:
+        lines.append(f"    {'compiled':<12} {gib(plan.verified_bytes_per_device):>12}   on {plan.verified_on}")
+    lines += ["", f"  step {t.get('total', 0):.3f} s (compute {t.get('compute', 0):.3f}, data {t.get('data', 0):.3f}, "
+                  f"fsdp {t.get('fsdp', 0):.3f}, tensor {t.get('tensor', 0):.3f}) | "
+                  f"{plan.estimated_tokens_per_sec or 0:,.0f} tokens/s | MFU {(plan.estimated_mfu or 0):.1%}"]
+    if plan.alternatives:
+        lines += ["", "  alternatives"]
+        for a in plan.alternatives:
+            mesh = "x".join(str(a["mesh"][k]) for k in ("data", "fsdp", "tensor"))
+            lines.append(f"    d×f×t {mesh:<9} mb {a['micro_batches']:<3} remat {a['remat']:<7} loss "
+                         f"{a['loss']:<7} {gib(a['estimated_bytes_per_device']):>11} "
+                         f"{a['estimated_step_seconds']:8.3f} s  {a['why_not']}")
+    if plan.planning_seconds:
+        lines += ["", "  planned in " + ", ".join(f"{k} {v:.2f} s" for k, v in plan.planning_seconds.items())]
+    return "\n".join(lines)

@@ -1,0 +1,138 @@
+"""The memory model: bytes per device of one train step, term by term, without compiling anything.
+
+    parameters      the device's shards of every weight (exact, from the logical axis rules)
+    gradients       one more copy of the shards (two under micro-batching: the sum and the current one)
+    optimizer       AdamW's two moments, shaped like the parameters
+    activations     what each layer keeps for backward, by remat policy, times the layers
+    recompute       one layer's working set while backward runs (re)computes it
+    logits          float32 [tokens, vocab / tensor] logits, their gradient and softmax: whole or one chunk
+    gathered        FSDP: one layer's weights (and the head) all-gathered in flight, forward and backward
+    temporaries     the optimizer update's transient copies, the batch, compiled code
+
+Activation sizes are per token and counted in elements of E (hidden), F (MLP / tensor), Q (query
+heads × head_dim / tensor) and KV (key/value heads × head_dim / tensor); the coefficients were fitted
+against XLA's compiled memory (scripts/memory_model_check.py prints the comparison).
+"""
+
+from __future__ import annotations
+
+import math
+
+from moai_jax.models import ModelConfig
+from moai_jax.sharding.mesh import MeshShape
+from moai_jax.sharding.rules import partition_spec
+
+LOSS_CHUNK = 512  # must match moai_jax.trainer.LOSS_CHUNK
+
+# Elements per token and layer kept for backward, by remat policy: (E, F, Q, KV) coefficients.
+SAVED = {"none": (8.0, 4.5, 3.5, 5.0), "matmuls": (3.0, 2.0, 2.0, 2.0), "full": (1.0, 0.0, 0.0, 0.0)}
+# One layer recomputed in backward (matmuls / full): its forward intermediates and their gradients.
+RECOMPUTE = (8.0, 4.5, 3.5, 5.0)
+LOGIT_COPIES = 3.0  # float32 logits, softmax, gradient of the logits
+GATHER_COPIES = 3.0  # a layer's gathered weights: forward, backward, gradient before reduce-scatter
+UPDATE_COPIES = 1.0  # transient parameter-sized buffers of the optimizer update
+CODE_BYTES = 2 * 2**20
+
+
+def parse_bytes(text: str) -> int:
+    """A memory size as users write it ("64GB", "300MB", "16GiB", "1e9") → bytes."""
+    from moai_jax.errors import FlavorError
+
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+             "GIB": 2**30, "TIB": 2**40}
+    t = str(text).strip().upper().replace(" ", "")
+    number = t.rstrip("KMGTIB")
+    try:
+        value = float(number) * units[t[len(number):]]
+    except (ValueError, KeyError):
+        raise FlavorError(f"device memory {text!r}: write it like 64GB, 300MB or 16GiB") from None
+    if value < 1:
+        raise FlavorError(f"device memory {text!r} must be positive")
+    return int(value)
+
+
+def param_shapes(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
+    """Every parameter's shape and logical axis names, as `models.Decoder` creates them."""
+    c = config
+    e, n, k, h, f, v, nl = (c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size,
+                            c.vocab_size, c.num_layers)
+    shapes = {
+        "embedding": ((v, e), ("vocab", "embed")),
+        "q_proj": ((nl, e, n, h), ("layers", "embed", "heads", "head_dim")),
+        "k_proj": ((nl, e, k, h), ("layers", "embed", "kv_heads", "head_dim")),
+        "v_proj": ((nl, e, k, h), ("layers", "embed", "kv_heads", "head_dim")),
+        "o_proj": ((nl, n, h, e), ("layers", "heads", "head_dim", "embed")),
+        "gate_proj": ((nl, e, f), ("layers", "embed", "mlp")),
+        "up_proj": ((nl, e, f), ("layers", "embed", "mlp")),
+        "down_proj": ((nl, f, e), ("layers", "mlp", "embed")),
+        "norms": ((nl, 2, e), ("layers", None, "embed")),
+        "final_norm": ((e,), ("embed",)),
+    }
+    if c.attention_bias:
+        shapes |= {"q_bias": ((nl, n, h), ("layers", "heads", "head_dim")),
+                   "kv_bias": ((nl, 2 * k, h), ("layers", "kv_heads", "head_dim"))}
+    if not c.tie_word_embeddings:
+        shapes["lm_head"] = ((e, v), ("embed", "vocab"))
+    return shapes
+
+
+def _shard_elements(shape, names, mesh_sizes) -> int:
+    spec = partition_spec(names, shape, mesh_sizes)
+    count = math.prod(shape)
+    for axes in spec:
+        for axis in (axes,) if isinstance(axes, str) else axes or ():
+            count //= mesh_sizes[axis]
+    return count
+
+
+def sharded_param_elements(config: ModelConfig, mesh: MeshShape) -> int:
+    """Parameter elements each device holds under the logical axis rules."""
+    sizes = {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor}
+    return sum(_shard_elements(s, n, sizes) for s, n in param_shapes(config).values())
+
+
+def layer_param_elements(config: ModelConfig) -> int:
+    c = config
+    return (c.hidden_size * (2 * c.num_heads * c.head_dim + 2 * c.num_kv_heads * c.head_dim)
+            + 3 * c.hidden_size * c.intermediate_size)
+
+
+def _per_token(coefficients, config: ModelConfig, tensor: int) -> float:
+    c = config
+    a_e, a_f, a_q, a_kv = coefficients
+    return (a_e * c.hidden_size + a_f * c.intermediate_size / tensor + a_q * c.num_heads * c.head_dim / tensor
+            + a_kv * c.num_kv_heads * c.head_dim / tensor)
+
+
+def estimate_bytes(config: ModelConfig, batch_size: int, seq_len: int, mesh: MeshShape, *, micro_batches: int = 1,
+                   remat: str = "none", loss: str = "whole", param_bytes: int = 4, activation_bytes: int = 4
+                   ) -> dict[str, int]:
+    """Estimated bytes per device of the train step, by term, with "total"."""
+    p = sharded_param_elements(config, mesh) * param_bytes
+    tokens = batch_size // micro_batches // mesh.batch_shards * seq_len  # per device, one micro-batch
+    layers = config.num_layers
+    activations = layers * tokens * _per_token(SAVED[remat], config, mesh.tensor) * activation_bytes
+    recompute = 0 if remat == "none" else tokens * _per_token(RECOMPUTE, config, mesh.tensor) * activation_bytes
+    rows = batch_size // micro_batches // mesh.batch_shards
+    logit_positions = rows * (min(LOSS_CHUNK, seq_len) if loss == "chunked" else seq_len)
+    vocab = config.vocab_size // mesh.tensor if config.vocab_size % mesh.tensor == 0 else config.vocab_size
+    logits = logit_positions * vocab * 4 * LOGIT_COPIES
+    gathered = 0
+    if mesh.fsdp > 1:
+        layer = layer_param_elements(config) / mesh.tensor
+        head = config.vocab_size * config.hidden_size / mesh.tensor
+        gathered = (GATHER_COPIES * layer + head) * max(param_bytes, activation_bytes) * (1 - 1 / mesh.fsdp)
+    batch = 4 * 4 * batch_size * seq_len // mesh.batch_shards
+    terms = {
+        "parameters": p,
+        "gradients": p * (2 if micro_batches > 1 else 1),
+        "optimizer": 2 * p,
+        "activations": activations,
+        "recompute": recompute,
+        "logits": logits,
+        "gathered": gathered,
+        "temporaries": UPDATE_COPIES * p + batch + CODE_BYTES,
+    }
+    terms = {k: int(v) for k, v in terms.items()}
+    terms["total"] = sum(terms.values())
+    return terms

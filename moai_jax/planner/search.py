@@ -1,0 +1,152 @@
+"""`plan()`: rank every candidate by estimated step time among those whose estimated memory fits, then
+verify the winner by compiling its real train step on abstract inputs; over budget → the next one.
+
+Deterministic and allocation-free. Knobs the user fixes are honored; the rest stay automatic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax.numpy as jnp
+
+from moai_jax.accelerator import Accelerator, Hardware
+from moai_jax.errors import FlavorError, NoPlanFits
+from moai_jax.models import ModelConfig, flops_per_token
+from moai_jax.planner.candidates import Candidate, Fixed, candidates, check_fixed
+from moai_jax.planner.explain import alternatives, gib, why_chosen
+from moai_jax.planner.memory import estimate_bytes
+from moai_jax.planner.plan import Plan
+from moai_jax.planner.time_model import estimate_seconds
+
+MAX_VERIFIES = 3  # candidates compiled before giving up on verification
+SIMPLER_WITHIN = 0.02  # candidates this close to the fastest are ordered simplest first
+
+
+@dataclasses.dataclass(frozen=True)
+class Scored:
+    candidate: Candidate
+    memory: dict[str, int]
+    seconds: dict[str, float]
+
+    @property
+    def simplicity(self) -> tuple:
+        c = self.candidate
+        return (c.mesh.tensor, c.micro_batches, ("none", "matmuls", "full").index(c.remat), c.loss != "whole",
+                c.mesh.fsdp)
+
+
+def score(config: ModelConfig, batch_size: int, seq_len: int, hardware: Hardware, candidate: Candidate,
+          compute_dtype: str) -> Scored:
+    c = candidate
+    memory = estimate_bytes(config, batch_size, seq_len, c.mesh, micro_batches=c.micro_batches, remat=c.remat,
+                            loss=c.loss)
+    seconds = estimate_seconds(config, batch_size, seq_len, c.mesh, hardware, micro_batches=c.micro_batches,
+                               remat=c.remat, compute_bytes=jnp.dtype(compute_dtype).itemsize)
+    return Scored(c, memory, seconds)
+
+
+def rank(config: ModelConfig, batch_size: int, seq_len: int, flavor: int, hardware: Hardware, budget: int,
+         fixed: Fixed, compute_dtype: str) -> tuple[list[Scored], list[Scored]]:
+    """(fitting candidates fastest first, the rest smallest first)."""
+    scored = [score(config, batch_size, seq_len, hardware, c, compute_dtype)
+              for c in candidates(flavor, config, batch_size, seq_len, hardware.devices_per_host, fixed)]
+    fits = [s for s in scored if s.memory["total"] <= budget]
+    over = sorted((s for s in scored if s.memory["total"] > budget), key=lambda s: (s.memory["total"], s.candidate))
+    fits.sort(key=lambda s: (s.seconds["total"], s.candidate))
+    if fits:  # near-ties go to the simplest layout
+        best = fits[0].seconds["total"]
+        near = [s for s in fits if s.seconds["total"] <= best * (1 + SIMPLER_WITHIN)]
+        near.sort(key=lambda s: (s.simplicity, s.seconds["total"], s.candidate))
+        fits = near + [s for s in fits if s.seconds["total"] > best * (1 + SIMPLER_WITHIN)]
+    return fits, over
+
+
+def smallest_flavor(config, batch_size, seq_len, hardware, memory_fraction, fixed: Fixed, start: int) -> int | None:
+    """The smallest flavor above `start` where some candidate's estimate fits (mesh axes left automatic)."""
+    loose = dataclasses.replace(fixed, data=None, fsdp=None, tensor=None)
+    budget = int(memory_fraction * hardware.memory_bytes)
+    sizes = sorted({n for n in range(start + 1, 17)} | {n for n in range(8, 4097, 8) if n > start})
+    for n in sizes:
+        for c in candidates(n, config, batch_size, seq_len, hardware.devices_per_host, loose):
+            if c.remat != "full" and loose.remat is None:
+                continue  # the most memory-saving policy answers "does anything fit"
+            if estimate_bytes(config, batch_size, seq_len, c.mesh, micro_batches=c.micro_batches, remat=c.remat,
+                              loss=c.loss)["total"] <= budget:
+                return n
+    return None
+
+
+def plan(model_config: ModelConfig, batch_size: int, seq_len: int, accelerator: Accelerator,
+         memory_fraction: float = 0.8, *, verify: bool = True, data: int | None = None, fsdp: int | None = None,
+         tensor: int | None = None, micro_batches: int | None = None, remat: str | None = None,
+         loss: str | None = None, compute_dtype: str | None = None, optimizer=None) -> Plan:
+    """The fastest plan whose memory fits `memory_fraction` of each device, verified by a compile."""
+    start = time.perf_counter()
+    if not isinstance(memory_fraction, (int, float)) or not 0 < memory_fraction <= 1:
+        raise FlavorError(f"memory fraction must be in (0, 1], e.g. 0.8, not {memory_fraction!r}")
+    for name, value in (("batch size", batch_size), ("sequence length", seq_len)):
+        if not isinstance(value, int) or value < 1:
+            raise FlavorError(f"{name} must be a whole number >= 1, not {value!r}")
+    hardware, flavor = accelerator.hardware, accelerator.flavor
+    compute_dtype = compute_dtype or ("float32" if hardware.name == "cpu" else "bfloat16")
+    if compute_dtype not in ("float32", "bfloat16", "float16"):
+        raise FlavorError(f"compute dtype {compute_dtype!r}: choose float32, bfloat16 or float16")
+    fixed = Fixed(data, fsdp, tensor, micro_batches, remat, loss)
+    check_fixed(fixed, flavor, model_config, batch_size, seq_len, hardware.devices_per_host)
+    budget = int(memory_fraction * hardware.memory_bytes)
+    fits, over = rank(model_config, batch_size, seq_len, flavor, hardware, budget, fixed, compute_dtype)
+    ranked_seconds = time.perf_counter() - start
+    if not over and not fits:
+        raise FlavorError(f"batch size {batch_size} cannot be split evenly over flavor {flavor} with the fixed "
+                          f"knobs; use a batch size that is a multiple of {flavor}")
+
+    def base(s: Scored, why: str, alts) -> Plan:
+        c = s.candidate
+        tokens = batch_size * seq_len
+        step = s.seconds["total"]
+        mfu = flops_per_token(model_config, seq_len) * tokens / step / (flavor * hardware.peak_flops)
+        return Plan(flavor=flavor, hardware=hardware.name, mesh=c.mesh, batch_size=batch_size, seq_len=seq_len,
+                    micro_batches=c.micro_batches, remat=c.remat, loss=c.loss, compute_dtype=compute_dtype,
+                    estimated_bytes_per_device=s.memory, budget_bytes_per_device=budget,
+                    estimated_step_seconds={k: round(v, 6) for k, v in s.seconds.items()},
+                    estimated_tokens_per_sec=round(tokens / step, 1), estimated_mfu=round(mfu, 4), why=why,
+                    alternatives=tuple(alts), planning_seconds={"rank": round(ranked_seconds, 3)},
+                    candidates_considered=len(fits) + len(over), candidates_fitting=len(fits))
+
+    rejected: list[tuple[Scored, str]] = []
+    compiled: list[int] = []
+    for s in fits[:MAX_VERIFIES] if verify else fits[:1]:
+        chosen = base(s, why_chosen(s, fits, over, fixed), alternatives(s, fits, over, budget, rejected))
+        if not verify:
+            return chosen
+        from moai_jax.planner.verify import verify as compile_and_measure
+
+        result = compile_and_measure(chosen, model_config, accelerator.devices, optimizer)
+        timing = {**chosen.planning_seconds, "verify": round(result.seconds, 3),
+                  "total": round(time.perf_counter() - start, 3)}
+        if result.bytes_per_device <= budget:
+            return dataclasses.replace(chosen, verified_bytes_per_device=result.bytes_per_device,
+                                       verified_on=result.backend, planning_seconds=timing)
+        compiled.append(result.bytes_per_device)
+        rejected.append((s, f"compiled to {gib(result.bytes_per_device)} on {result.backend}, over the "
+                            f"{gib(budget)} budget"))
+
+    best = rejected[0][0] if rejected else over[0]
+    needed = max(compiled[0] if compiled else best.memory["total"], budget + 1)
+    if all(v is not None for v in (data, fsdp, tensor, micro_batches, remat)):
+        raise NoPlanFits(
+            f"out of memory: the fixed plan ({best.candidate.describe()}) needs {needed:,} bytes "
+            f"({gib(needed)}) per device but {budget:,} bytes ({gib(budget)}) are available "
+            f"({memory_fraction:g} × {gib(hardware.memory_bytes)} of {hardware.name}); use a larger flavor, a "
+            f"smaller batch, or leave knobs automatic")
+    bigger = smallest_flavor(model_config, batch_size, seq_len, hardware, memory_fraction, fixed, flavor)
+    hint = (f"the smallest flavor that fits is {bigger}" if bigger
+            else "no flavor up to 4096 fits; reduce the batch size or sequence length")
+    fixed_text = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(fixed).items() if v is not None)
+    raise NoPlanFits(
+        f"no plan fits {flavor} × {hardware.name} at batch {batch_size} × {seq_len}"
+        f"{' with ' + fixed_text if fixed_text else ''}: the best found ({best.candidate.describe()}) needs "
+        f"{gib(needed)} per device, {gib(needed - budget)} ({needed - budget:,} bytes) over the budget of "
+        f"{gib(budget)}; {hint}")

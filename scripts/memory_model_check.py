@@ -1,0 +1,96 @@
+"""Memory model accuracy: estimated vs XLA-compiled bytes per device, tiny to 70B, flavors 1 to 64.
+
+    python scripts/memory_model_check.py            # every case (several minutes on 2 cores)
+    python scripts/memory_model_check.py --quick    # the first few
+    python scripts/memory_model_check.py --cases 0,5,21
+
+Each case is compiled on simulated CPU devices (blockwise attention) with the planner's verify(); a
+case passes when the estimate is within 15% of the compiled bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+# (model, flavor, data, fsdp, tensor, batch, seq, micro_batches, remat, loss, compute dtype)
+CASES = [
+    ("tiny", 1, 1, 1, 1, 8, 128, 1, "none", "whole", "float32"),
+    ("tiny", 8, 8, 1, 1, 16, 128, 1, "none", "whole", "float32"),
+    ("tiny", 8, 1, 8, 1, 16, 128, 2, "full", "whole", "float32"),
+    ("small", 1, 1, 1, 1, 8, 512, 1, "none", "whole", "float32"),
+    ("small", 1, 1, 1, 1, 8, 512, 1, "matmuls", "whole", "float32"),
+    ("small", 1, 1, 1, 1, 8, 512, 1, "full", "whole", "float32"),
+    ("small", 1, 1, 1, 1, 8, 512, 2, "none", "whole", "float32"),
+    ("small", 8, 1, 8, 1, 16, 512, 1, "none", "whole", "float32"),
+    ("small", 8, 1, 1, 8, 16, 512, 1, "none", "whole", "float32"),
+    ("small", 8, 8, 1, 1, 16, 512, 1, "none", "whole", "float32"),
+    ("small", 8, 2, 2, 2, 32, 1024, 2, "matmuls", "chunked", "float32"),
+    ("small", 8, 1, 4, 2, 16, 1024, 1, "full", "chunked", "bfloat16"),
+    ("medium", 4, 1, 4, 1, 8, 1024, 1, "full", "chunked", "bfloat16"),
+    ("medium", 4, 2, 2, 1, 16, 1024, 2, "matmuls", "whole", "bfloat16"),
+    ("medium", 16, 2, 4, 2, 32, 1024, 1, "none", "chunked", "bfloat16"),
+    ("medium", 16, 1, 16, 1, 64, 512, 4, "full", "whole", "bfloat16"),
+    ("llama3-8b", 4, 1, 4, 1, 16, 1024, 1, "full", "chunked", "bfloat16"),
+    ("llama3-8b", 16, 1, 16, 1, 64, 1024, 1, "full", "chunked", "bfloat16"),
+    ("llama3-8b", 16, 1, 16, 1, 512, 1024, 8, "full", "chunked", "bfloat16"),
+    ("llama3-8b", 16, 1, 8, 2, 512, 1024, 16, "matmuls", "chunked", "bfloat16"),
+    ("llama3-70b", 64, 1, 64, 1, 512, 1024, 4, "full", "chunked", "bfloat16"),
+    ("llama3-70b", 64, 1, 8, 8, 512, 1024, 8, "full", "chunked", "bfloat16"),
+]
+
+
+def model_config(name: str):
+    from moai_jax.models import ModelConfig
+
+    extra = {
+        "small": ModelConfig(vocab_size=2048, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=8,
+                             num_kv_heads=4, head_dim=32),
+        "medium": ModelConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_layers=8,
+                              num_heads=16, num_kv_heads=8, head_dim=64),
+    }
+    return extra.get(name) or ModelConfig.preset(name)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="only the first 6 cases")
+    p.add_argument("--cases", default=None, help="comma-separated case numbers")
+    args = p.parse_args(argv)
+    chosen = (list(range(6)) if args.quick else [int(i) for i in args.cases.split(",")] if args.cases
+              else list(range(len(CASES))))
+
+    from moai_jax.accelerator import simulate_devices
+
+    simulate_devices(max(CASES[i][1] for i in chosen))
+    import jax
+
+    from moai_jax.planner.memory import estimate_bytes
+    from moai_jax.planner.plan import Plan
+    from moai_jax.planner.verify import verify
+    from moai_jax.sharding.mesh import MeshShape
+
+    print(f"{'#':>2} {'model':<10} {'fl':>3} {'mesh d/f/t':>10} {'batch':>5} {'seq':>5} {'mb':>3} {'remat':<7} "
+          f"{'loss':<7} {'dtype':<8} {'estimated':>11} {'compiled':>11} {'error':>7}")
+    worst = 0.0
+    for i in chosen:
+        name, flavor, d, f, t, batch, seq, mb, remat, loss, dtype = CASES[i]
+        config = model_config(name)
+        mesh = MeshShape(d, f, t)
+        plan = Plan(flavor=flavor, hardware="cpu", mesh=mesh, batch_size=batch, seq_len=seq, micro_batches=mb,
+                    remat=remat, loss=loss, compute_dtype=dtype)
+        est = estimate_bytes(config, batch, seq, mesh, micro_batches=mb, remat=remat, loss=loss)
+        got = verify(plan, config, jax.devices()).bytes_per_device
+        err = est["total"] / got - 1
+        worst = max(worst, abs(err))
+        print(f"{i:>2} {name:<10} {flavor:>3} {f'{d}/{f}/{t}':>10} {batch:>5} {seq:>5} {mb:>3} {remat:<7} {loss:<7} "
+              f"{dtype:<8} {est['total'] / 2**20:>9.1f}Mi {got / 2**20:>9.1f}Mi {err:>+7.1%}", flush=True)
+        if getattr(args, "terms", False):
+            print("   ", {k: round(v / 2**20, 1) for k, v in est.items()})
+    print(f"worst error {worst:.1%} over {len(chosen)} cases ({'PASS' if worst <= 0.15 else 'FAIL'}: within 15%)")
+    return 0 if worst <= 0.15 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
