@@ -1,0 +1,204 @@
+"""Checkpoints through the real command: exact resume, resume on other flavors, kill -9 during saves,
+Hugging Face export against transformers, and clear errors for bad checkpoint folders."""
+
+import dataclasses
+import importlib.util
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from moai_jax.checkpoint import Checkpoints, load_model
+from moai_jax.models import ModelConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+FINETUNE = ROOT / "scripts" / "finetune.py"
+RUN = ["--batch-size", "8", "--block-size", "32", "--max-steps", "20"]
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+
+
+def finetune(*args, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(FINETUNE), *RUN, *map(str, args)], env=ENV, capture_output=True,
+                          text=True, timeout=300, **kwargs)
+
+
+def losses(metrics_file: Path) -> dict[int, float]:
+    """step → loss; a step logged twice (re-run after a resume) keeps its last value."""
+    return {r["step"]: r["loss"] for r in map(json.loads, metrics_file.read_text().splitlines())}
+
+
+def folder_listing(path: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.rglob("*"))}
+
+
+def params_of(checkpoint_dir: Path, step: int) -> dict:
+    model, _ = load_model(checkpoint_dir, step)
+    return jax.device_get(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """20 steps at flavor 8 on a data=2,fsdp=2,tensor=2 mesh, saving (asynchronously) at steps 10 and 20."""
+    out = tmp_path_factory.mktemp("straight")
+    done = finetune("--flavor", 8, "--mesh", "data=2,fsdp=2,tensor=2", "--checkpoint-dir", out / "ckpt",
+                    "--save-steps", 10, "--metrics-file", out / "metrics.jsonl")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert Checkpoints(out / "ckpt", writable=False).steps() == [10, 20]
+    return out
+
+
+def resume_from_step_10(straight: Path, where: Path, *flavor_args) -> dict[int, float]:
+    """Copy the straight run's checkpoints as they stood after step 10, resume there, train to 20."""
+    shutil.copytree(straight / "ckpt", where / "ckpt", ignore=shutil.ignore_patterns("20"))
+    done = finetune(*flavor_args, "--checkpoint-dir", where / "ckpt", "--save-steps", 10, "--resume",
+                    "--metrics-file", where / "metrics.jsonl")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Resumed from the checkpoint of step 10" in done.stdout
+    resumed = losses(where / "metrics.jsonl")
+    assert sorted(resumed) == list(range(11, 21))  # the exact next step, to the same end
+    return resumed
+
+
+def test_resume_is_exact(straight, tmp_path):
+    resumed = resume_from_step_10(straight, tmp_path, "--flavor", 8, "--mesh", "data=2,fsdp=2,tensor=2")
+    reference = losses(straight / "metrics.jsonl")
+    np.testing.assert_allclose([resumed[s] for s in range(11, 21)], [reference[s] for s in range(11, 21)],
+                               rtol=0, atol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6),
+                 params_of(tmp_path / "ckpt", 20), params_of(straight / "ckpt", 20))
+
+
+@pytest.mark.parametrize("flavor, mesh", [(4, "data=1,fsdp=2,tensor=2"), (1, "data=1,fsdp=1,tensor=1")])
+def test_resume_on_another_flavor(straight, tmp_path, flavor, mesh):
+    resumed = resume_from_step_10(straight, tmp_path, "--flavor", flavor, "--mesh", mesh)
+    reference = losses(straight / "metrics.jsonl")
+    np.testing.assert_allclose([resumed[s] for s in range(11, 21)], [reference[s] for s in range(11, 21)],
+                               rtol=0, atol=1e-5)
+    meta = Checkpoints(tmp_path / "ckpt", writable=False).metadata(20)
+    assert meta["plan"]["flavor"] == flavor and meta["data_position"]["step"] == 20
+
+
+def complete_steps(ckpt: Path) -> list[int]:
+    return [int(name) for name in os.listdir(ckpt) if name.isdigit()] if ckpt.is_dir() else []
+
+
+def in_save(ckpt: Path) -> bool:
+    """A save is being written: Orbax's temporary folder exists (renamed to the step when complete)."""
+    return ckpt.is_dir() and any("orbax-checkpoint-tmp" in name for name in os.listdir(ckpt))
+
+
+def test_kill_9_during_saves_leaves_the_last_checkpoint(tmp_path):
+    """Saving every step, kill -9 the run at random moments while a save is being written; each time
+    --resume restores the newest complete checkpoint, and re-run steps repeat their losses exactly."""
+    ckpt, metrics = tmp_path / "ckpt", tmp_path / "metrics.jsonl"
+    args = ["--flavor", 1, "--max-steps", 60, "--checkpoint-dir", ckpt, "--save-steps", 1, "--keep", 2,
+            "--metrics-file", metrics]
+    rng, kills, last, seen = random.Random(0), 0, None, {}
+    for attempt in range(12):
+        command = [sys.executable, str(FINETUNE), *RUN, *map(str, args)] + (["--resume"] if last else [])
+        proc = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        for line in proc.stdout:  # up to the first step line: resumed, compiled, training
+            if line.startswith("Resumed from"):
+                assert f"step {last}" in line  # the newest complete checkpoint
+            if line.startswith("[Step "):
+                break
+        while max(complete_steps(ckpt), default=0) <= (last or 0):  # a new checkpoint is done...
+            time.sleep(0.005)
+        deadline = time.monotonic() + rng.uniform(0.0, 0.5)  # ...then a random moment, in a save
+        while time.monotonic() < deadline or not in_save(ckpt) and time.monotonic() < deadline + 5:
+            time.sleep(0.002)
+        during_save = in_save(ckpt)
+        proc.kill()  # SIGKILL
+        proc.wait()
+        proc.stdout.close()
+        kills += during_save
+        steps = Checkpoints(ckpt, writable=False).steps()
+        assert steps and (last is None or steps[-1] >= last)
+        last = steps[-1]
+        for record in map(json.loads, metrics.read_text().splitlines()):
+            seen.setdefault(record["step"], []).append(record["loss"])
+        metrics.unlink()
+        if kills >= 5:
+            break
+    assert kills >= 5, f"only {kills} of {attempt + 1} kills landed during a save"
+    done = finetune(*args, "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"Resumed from the checkpoint of step {last}" in done.stdout
+    for record in map(json.loads, metrics.read_text().splitlines()):
+        seen.setdefault(record["step"], []).append(record["loss"])
+    assert sorted(seen) == list(range(1, 61))
+    repeated = {s: v for s, v in seen.items() if len(v) > 1}
+    assert repeated, "no step was re-run after a kill"
+    for values in repeated.values():
+        np.testing.assert_allclose(values, values[0], rtol=0, atol=1e-6)
+    assert not in_save(ckpt)  # stale partial saves are cleaned up
+
+
+def test_export_loads_in_transformers(straight, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    spec = importlib.util.spec_from_file_location("export_script", ROOT / "scripts" / "export.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--checkpoint-dir", str(straight / "ckpt"), "--save-model-dir", str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "config.json").is_file() and (tmp_path / "hf" / "model.safetensors").is_file()
+
+    model, _ = load_model(straight / "ckpt")
+    ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (2, 32)).astype(np.int32)
+    ours = np.asarray(jax.device_get(model(ids)))
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = hf(torch.from_numpy(ids).long()).logits.numpy()
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4)
+
+
+def check_error(done: subprocess.CompletedProcess, starts: str) -> None:
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {starts}"), done.stderr[-3000:]
+
+
+def test_resume_without_a_checkpoint(tmp_path):
+    check_error(finetune("--checkpoint-dir", tmp_path / "empty", "--resume"), "no checkpoint in")
+
+
+def test_resume_a_checkpoint_of_another_model(straight, tmp_path):
+    other = tmp_path / "other-model"
+    other.mkdir()
+    config = dataclasses.replace(ModelConfig.preset("tiny"), hidden_size=32)
+    (other / "config.json").write_text(json.dumps(config.to_hf_dict()))
+    before = folder_listing(straight / "ckpt")
+    done = finetune("--model-name-or-path", other, "--checkpoint-dir", straight / "ckpt", "--resume")
+    check_error(done, "checkpoint of step 20")
+    assert "another model (hidden_size 64 (now 32))" in done.stderr
+    assert folder_listing(straight / "ckpt") == before
+
+
+def test_checkpoint_folder_not_writable(straight):
+    """A read-only folder holding checkpoints: refused before training, as a user who cannot write it."""
+    base = Path(tempfile.mkdtemp())
+    try:
+        shutil.copytree(straight / "ckpt", base / "ckpt", ignore=shutil.ignore_patterns("20"))
+        for path in [base, *base.rglob("*")]:
+            path.chmod(0o555 if path.is_dir() else 0o444)
+        before = folder_listing(base / "ckpt")
+        as_nobody = (lambda: (os.setgid(65534), os.setuid(65534))) if os.geteuid() == 0 else None
+        for resume in ([], ["--resume"]):
+            done = finetune("--checkpoint-dir", base / "ckpt", *resume, preexec_fn=as_nobody, cwd=base)
+            check_error(done, f"cannot write checkpoints to {base / 'ckpt'}")
+        assert folder_listing(base / "ckpt") == before
+    finally:
+        for path in [base, *base.rglob("*")]:
+            path.chmod(0o755)
+        shutil.rmtree(base)
