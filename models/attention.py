@@ -18,6 +18,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from moai_jax.errors import ModelConfigError
 
@@ -38,20 +39,23 @@ def resolve(implementation: str, dtype, head_dim: int) -> str:
 
 
 def attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, implementation: str, block_size: int = 128):
-    """Causal attention of queries [B, T, N, H] over grouped keys/values [B, T, K, H] → [B, T, N, H]."""
+    """Causal attention of queries [B, T, N, H] over grouped keys/values [B, T, K, H] → [B, T, N, H].
+
+    `segment_ids_BT` None means one document per row. cuDNN takes segments as a [B, 1, T, T] mask.
+    The output (and the blockwise log-sum-exp) is named "attention" / "attention_lse" for remat.
+    """
     implementation = resolve(implementation, q_BTNH.dtype, q_BTNH.shape[-1])
     if implementation == "blockwise":
+        if segment_ids_BT is None:
+            segment_ids_BT = jnp.zeros(q_BTNH.shape[:2], jnp.int32)
         return blockwise_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, block_size=block_size)
-    same_segment_B1TT = segment_ids_BT[:, None, :, None] == segment_ids_BT[:, None, None, :]
-    if implementation == "cudnn":
-        return jax.nn.dot_product_attention(
-            q_BTNH, k_BTKH, v_BTKH, mask=same_segment_B1TT, is_causal=True, implementation="cudnn"
-        )
-    length = q_BTNH.shape[1]
-    causal_TT = jnp.tril(jnp.ones((length, length), dtype=bool))
-    return jax.nn.dot_product_attention(
-        q_BTNH, k_BTKH, v_BTKH, mask=same_segment_B1TT & causal_TT, implementation="xla"
+    same_segment_B1TT = None
+    if segment_ids_BT is not None:
+        same_segment_B1TT = segment_ids_BT[:, None, :, None] == segment_ids_BT[:, None, None, :]
+    out_BTNH = jax.nn.dot_product_attention(
+        q_BTNH, k_BTKH, v_BTKH, mask=same_segment_B1TT, is_causal=True, implementation=implementation
     )
+    return checkpoint_name(out_BTNH, "attention")
 
 
 def blockwise_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, block_size: int = 128):
@@ -126,6 +130,7 @@ def _blockwise(q_BKGTH, k_BSKH, v_BSKH, query_segments_BT, key_segments_BS, bloc
 
 def _blockwise_fwd(q_BKGTH, k_BSKH, v_BSKH, query_segments_BT, key_segments_BS, block, scale):
     out_BKGTH, lse_BKGT = _forward(q_BKGTH, k_BSKH, v_BSKH, query_segments_BT, key_segments_BS, block, scale)
+    out_BKGTH, lse_BKGT = checkpoint_name(out_BKGTH, "attention"), checkpoint_name(lse_BKGT, "attention_lse")
     return out_BKGTH, (q_BKGTH, k_BSKH, v_BSKH, query_segments_BT, key_segments_BS, out_BKGTH, lse_BKGT)
 
 

@@ -22,8 +22,8 @@ from moai_jax.models.config import ModelConfig
 from moai_jax.sharding.annotate import constrain
 
 REMAT_POLICIES = ("none", "matmuls", "full")
-# Outputs that remat="matmuls" keeps: the projections and the attention kernel's output.
-MATMUL_NAMES = ("query", "key", "value", "attention", "out", "gate", "up", "down")
+# Outputs that remat="matmuls" keeps: the projections and the attention kernel's output (and log-sum-exp).
+MATMUL_NAMES = ("query", "key", "value", "attention", "attention_lse", "out", "gate", "up", "down")
 _INIT = nnx.initializers.normal(stddev=0.02)
 
 
@@ -101,7 +101,7 @@ class Attention(nnx.Module):
         cos_BTH, sin_BTH = cos_BTH.astype(self.dtype), sin_BTH.astype(self.dtype)
         q_BTNH, k_BTKH = apply_rotary(q_BTNH, cos_BTH, sin_BTH), apply_rotary(k_BTKH, cos_BTH, sin_BTH)
         out_BTNH = attention_lib.attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, implementation=implementation)
-        out_BTNH = checkpoint_name(constrain(out_BTNH, ("batch", "length", "heads", "head_dim")), "attention")
+        out_BTNH = constrain(out_BTNH, ("batch", "length", "heads", "head_dim"))
         y_BTE = jnp.einsum("btnh,nhe->bte", out_BTNH, self.o_proj[...].astype(self.dtype))
         return checkpoint_name(y_BTE, "out")
 
@@ -184,7 +184,6 @@ class Decoder(nnx.Module):
                 f"sequence length {length} exceeds {c.model_type}'s sliding window of {c.sliding_window}; "
                 f"use seq_len <= {c.sliding_window}"
             )
-        segment_ids_BT = jnp.zeros((batch, length), jnp.int32) if segment_ids is None else segment_ids
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
         cos_BTH, sin_BTH = rotary(positions, rope_frequencies(c))
@@ -194,7 +193,7 @@ class Decoder(nnx.Module):
         graphdef, layer_state = nnx.split(self.layers)
 
         def layer(x_BTE, state):
-            return nnx.merge(graphdef, state)(x_BTE, cos_BTH, sin_BTH, segment_ids_BT, implementation)
+            return nnx.merge(graphdef, state)(x_BTE, cos_BTH, sin_BTH, segment_ids, implementation)
 
         if self.remat == "matmuls":
             layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.save_only_these_names(*MATMUL_NAMES),
