@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import statistics
@@ -186,6 +187,8 @@ def torch_reference(args, config) -> dict:
     import transformers
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and importlib.util.find_spec("libtpu") is not None:
+        return {"framework": "transformers (PyTorch)", "error": "no GPU for PyTorch on a TPU host; use --no-reference"}
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
     hf = config.to_hf_dict()
     hf_config = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
@@ -295,7 +298,16 @@ def complete(args, config, mine: dict, reference: dict | None, hardware=None) ->
     return {"model": args.model, "params": param_count(config), "flops_per_token": flops,
             "batch_size": args.batch_size, "block_size": args.block_size, "moai_jax": mine, "pytorch": reference,
             "speedup": mine["tokens_per_sec"] / reference["tokens_per_sec"] if ok else None,
-            "machine": f"{os.cpu_count()} CPU cores; {mine['device']}"}
+            "machine": f"{cpu_name()} ({os.cpu_count()} cores); {mine['device']}"}
+
+
+def cpu_name() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        line = next(row for row in lines if row.startswith("model name"))
+        return line.split(":", 1)[1].strip()
+    except (OSError, StopIteration):
+        return "CPU"
 
 
 def benchmark(args) -> dict:
@@ -305,12 +317,26 @@ def benchmark(args) -> dict:
 
 
 # -- suites ----------------------------------------------------------------------------------------
-def child(*argv: str) -> dict:
-    """Run this script with `argv --json` in a fresh process (fresh JAX, its own device count) → its JSON."""
-    done = subprocess.run([sys.executable, str(SCRIPT), *argv, "--json"], capture_output=True, text=True)
+def child(*argv: str, timeout: float | None = None) -> dict:
+    """Run this script with `argv --json` in a fresh process (fresh JAX, its own device count) → its JSON,
+    or {"error": why} when it failed or ran out of time."""
+    try:
+        done = subprocess.run([sys.executable, str(SCRIPT), *argv, "--json"], capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"did not finish in {timeout:.0f} s"}
     if done.returncode != 0:
-        raise RuntimeError(f"benchmark {' '.join(argv)} failed: {(done.stderr.strip().splitlines() or [''])[-1]}")
+        return {"error": (done.stderr.strip().splitlines() or ["failed without a message"])[-1][:200]}
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def one_result(out: dict, model: str, batch: int, block: int) -> dict:
+    """The single benchmark result of a child, or an error row standing in for it."""
+    if "error" not in out:
+        return out["results"][0]
+    from moai_jax.models import param_count
+    return {"model": model, "params": param_count(model_config(model)), "batch_size": batch, "block_size": block,
+            "moai_jax": {"framework": "moai_jax", "error": out["error"]}, "pytorch": None, "speedup": None}
 
 
 def platform_probe() -> str:
@@ -327,20 +353,25 @@ def suite(args) -> dict:
     common = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--dtype", args.dtype]
     results = []
     if args.suite == "accelerator":
-        if platform_probe() == "cpu":
+        platform = platform_probe()
+        if platform == "cpu":
             raise MoaiError("--suite accelerator needs a GPU or TPU and this machine has none; on a CPU run "
                             "--suite cpu (the CPU table) or --suite parity")
-        checked = child("--suite", "parity")["parity"]
+        checked = child("--suite", "parity", timeout=120)
+        checked = checked.get("parity") or {"platform": "?", "steps": 50, "ok": False, "error": checked["error"]}
+        no_reference = [] if platform == "gpu" else ["--no-reference"]  # PyTorch runs on CUDA or ROCm GPUs
         for model, batch, remat in ACCELERATOR_SUITE:
-            results.append(child("--model", model, "--batch-size", str(batch), "--block-size", "4096",
-                                 "--remat", remat, *common))
+            out = child("--model", model, "--batch-size", str(batch), "--block-size", "4096", "--remat", remat,
+                        *common, *no_reference, timeout=240)
+            results.append(one_result(out, model, batch, 4096))
         return {"parity": checked, "results": results}
     for model, batch, block in CPU_SUITE:
         shape = ["--model", model, "--batch-size", str(batch), "--block-size", str(block), *common]
-        one = child(*shape, "--flavor", "1")
-        eight = child(*shape, "--flavor", "8", "--mesh", "fsdp=8", "--no-reference")  # ZeRO-3 over all 8
+        one = one_result(child(*shape, "--flavor", "1"), model, batch, block)
+        eight = one_result(child(*shape, "--flavor", "8", "--mesh", "fsdp=8", "--no-reference"),  # ZeRO-3 over 8
+                           model, batch, block)
         reference = one["pytorch"]
-        if reference and "error" not in reference:
+        if reference and "error" not in reference and "error" not in eight["moai_jax"]:
             eight.update(pytorch=reference, speedup=eight["moai_jax"]["tokens_per_sec"] / reference["tokens_per_sec"])
         results += [one, eight]
     return {"results": results}
@@ -350,12 +381,16 @@ def report(out: dict) -> str:
     lines = []
     if "parity" in out:
         p = out["parity"]
-        lines.append(f"bf16 parity ({p['platform']}, tiny model, {p['steps']} steps): float32 loss "
-                     f"{p['float32_loss']:.4f}, bfloat16 loss {p['bfloat16_loss']:.4f}, difference "
-                     f"{p['relative_difference']:.2%} ({'ok' if p['ok'] else 'FAILED'}: limit 2%)")
+        if "error" in p:
+            lines.append(f"bf16 parity FAILED: {p['error']}")
+        else:
+            lines.append(f"bf16 parity ({p['platform']}, tiny model, {p['steps']} steps): float32 loss "
+                         f"{p['float32_loss']:.4f}, bfloat16 loss {p['bfloat16_loss']:.4f}, difference "
+                         f"{p['relative_difference']:.2%} ({'ok' if p['ok'] else 'FAILED'}: limit 2%)")
     if out.get("results"):
         lines.append(table(out["results"]))
-        lines.append(f"Machine: {out['results'][0]['machine']}. PyTorch runs on ONE device; moai_jax on the "
+        machine = next((r["machine"] for r in out["results"] if "machine" in r), "n/a")
+        lines.append(f"Machine: {machine}. PyTorch runs on ONE device; moai_jax on the "
                      f"flavor's devices (simulated ones share the host's cores). MFU = flops_per_token × tokens/s / "
                      f"(devices × peak FLOP/s for the dtype).")
     return "\n".join(lines)
@@ -383,7 +418,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(out) if args.json else report(out))
-    return 0 if out.get("parity", {}).get("ok", True) else 1
+    failed = any("error" in r["moai_jax"] for r in out.get("results", []))
+    return 1 if failed or not out.get("parity", {}).get("ok", True) else 0
 
 
 if __name__ == "__main__":
