@@ -134,7 +134,7 @@ class ModelConfig:
                 rope_scaling=None if rope["rope_type"] == "default" else rope,
                 rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
                 tie_word_embeddings=hf.get("tie_word_embeddings", False),
-                attention_bias=model_type == "qwen2",
+                attention_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
                 sliding_window=sliding_window,
                 bos_token_id=hf.get("bos_token_id"),
                 eos_token_id=hf.get("eos_token_id"),
