@@ -29,12 +29,18 @@ class Fixed:
     loss: str | None = None
 
 
-@dataclasses.dataclass(frozen=True, order=True)
+@dataclasses.dataclass(frozen=True)
 class Candidate:
     mesh: MeshShape
     micro_batches: int
     remat: str
     loss: str
+
+    @property
+    def key(self) -> tuple:
+        """A total order, so ties are broken the same way every time."""
+        m = self.mesh
+        return (m.data, m.fsdp, m.tensor, self.micro_batches, self.remat, self.loss)
 
     def describe(self) -> str:
         return f"mesh {self.mesh}, {self.micro_batches} micro-batch(es), remat {self.remat}, loss {self.loss}"

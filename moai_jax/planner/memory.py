@@ -4,6 +4,7 @@
     gradients       one more copy of the shards (two under micro-batching: the sum and the current one)
     optimizer       AdamW's two moments, shaped like the parameters
     activations     what each layer keeps for backward, by remat policy, times the layers
+    attention       the blockwise attention's float32 score blocks
     recompute       one layer's working set while backward runs (re)computes it
     logits          float32 [tokens, vocab / tensor] logits, their gradient and softmax: whole or one chunk
     gathered        FSDP: one layer's weights (and the head) all-gathered in flight, forward and backward
@@ -25,13 +26,15 @@ from moai_jax.sharding.rules import partition_spec
 LOSS_CHUNK = 512  # must match moai_jax.trainer.LOSS_CHUNK
 
 # Elements per token and layer kept for backward, by remat policy: (E, F, Q, KV) coefficients.
-SAVED = {"none": (8.0, 4.5, 3.5, 5.0), "matmuls": (3.0, 2.0, 2.0, 2.0), "full": (1.0, 0.0, 0.0, 0.0)}
+SAVED = {"none": (9.6, 5.4, 4.2, 6.0), "matmuls": (3.0, 2.0, 2.0, 2.0), "full": (1.35, 0.0, 0.0, 0.0)}
 # One layer recomputed in backward (matmuls / full): its forward intermediates and their gradients.
-RECOMPUTE = (8.0, 4.5, 3.5, 5.0)
-LOGIT_COPIES = 3.0  # float32 logits, softmax, gradient of the logits
-GATHER_COPIES = 3.0  # a layer's gathered weights: forward, backward, gradient before reduce-scatter
-UPDATE_COPIES = 1.0  # transient parameter-sized buffers of the optimizer update
-CODE_BYTES = 2 * 2**20
+RECOMPUTE = (4.4, 2.4, 1.9, 2.7)
+LOGIT_COPIES = 2.0  # float32 logits, softmax, gradient of the logits
+GATHER_COPIES = 2.8  # a layer's gathered weights: forward, backward, gradient before reduce-scatter
+UPDATE_COPIES = 0.02  # transient parameter-sized buffers of the optimizer update
+ATTENTION_BLOCK = 128  # the blockwise attention's key block
+ATTENTION_COPIES = 2.8  # float32 [rows, heads, length, block] scores, probabilities and their gradient
+CODE_BYTES = 0
 
 
 def parse_bytes(text: str) -> int:
@@ -117,11 +120,13 @@ def estimate_bytes(config: ModelConfig, batch_size: int, seq_len: int, mesh: Mes
     logit_positions = rows * (min(LOSS_CHUNK, seq_len) if loss == "chunked" else seq_len)
     vocab = config.vocab_size // mesh.tensor if config.vocab_size % mesh.tensor == 0 else config.vocab_size
     logits = logit_positions * vocab * 4 * LOGIT_COPIES
+    heads = config.num_heads // mesh.tensor if config.num_heads % mesh.tensor == 0 else config.num_heads
+    attention = ATTENTION_COPIES * rows * heads * seq_len * min(ATTENTION_BLOCK, seq_len) * 4
     gathered = 0
     if mesh.fsdp > 1:
         layer = layer_param_elements(config) / mesh.tensor
         head = config.vocab_size * config.hidden_size / mesh.tensor
-        gathered = (GATHER_COPIES * layer + head) * max(param_bytes, activation_bytes) * (1 - 1 / mesh.fsdp)
+        gathered = (GATHER_COPIES * layer + 0.95 * head) * max(param_bytes, activation_bytes) * (1 - 1 / mesh.fsdp)
     batch = 4 * 4 * batch_size * seq_len // mesh.batch_shards
     terms = {
         "parameters": p,
@@ -129,6 +134,7 @@ def estimate_bytes(config: ModelConfig, batch_size: int, seq_len: int, mesh: Mes
         "optimizer": 2 * p,
         "activations": activations,
         "recompute": recompute,
+        "attention": attention,
         "logits": logits,
         "gathered": gathered,
         "temporaries": UPDATE_COPIES * p + batch + CODE_BYTES,

@@ -53,12 +53,12 @@ def rank(config: ModelConfig, batch_size: int, seq_len: int, flavor: int, hardwa
     scored = [score(config, batch_size, seq_len, hardware, c, compute_dtype)
               for c in candidates(flavor, config, batch_size, seq_len, hardware.devices_per_host, fixed)]
     fits = [s for s in scored if s.memory["total"] <= budget]
-    over = sorted((s for s in scored if s.memory["total"] > budget), key=lambda s: (s.memory["total"], s.candidate))
-    fits.sort(key=lambda s: (s.seconds["total"], s.candidate))
+    over = sorted((s for s in scored if s.memory["total"] > budget), key=lambda s: (s.memory["total"], s.candidate.key))
+    fits.sort(key=lambda s: (s.seconds["total"], s.candidate.key))
     if fits:  # near-ties go to the simplest layout
         best = fits[0].seconds["total"]
         near = [s for s in fits if s.seconds["total"] <= best * (1 + SIMPLER_WITHIN)]
-        near.sort(key=lambda s: (s.simplicity, s.seconds["total"], s.candidate))
+        near.sort(key=lambda s: (s.simplicity, s.seconds["total"], s.candidate.key))
         fits = near + [s for s in fits if s.seconds["total"] > best * (1 + SIMPLER_WITHIN)]
     return fits, over
 
