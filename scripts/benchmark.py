@@ -69,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="recomputation in backward (auto: the planner's choice)")
     p.add_argument("--mesh", default=None, help="e.g. data=2,fsdp=4 (default: the planner's choice)")
     p.add_argument("--micro-batches", type=int, default=None)
+    p.add_argument("--memory-fraction", type=float, default=0.9,
+                   help="share of each device's memory the planner may fill (default 0.9; JAX may use 0.92)")
     p.add_argument("--attention", choices=("auto", "xla", "cudnn", "blockwise"), default="auto")
     p.add_argument("--no-reference", action="store_true", help="skip the transformers/PyTorch reference")
     p.add_argument("--torch-compile", action="store_true", help="torch.compile the reference model")
@@ -114,7 +116,8 @@ def jax_benchmark(args, config) -> dict:
     build = lambda: Decoder(config, rngs=nnx.Rngs(0), dtype=jnp.dtype(dtype), attention=args.attention)  # noqa: E731
     # Knobs left "auto" are the planner's: it verifies its choice fits by compiling the step.
     trainer = Trainer(build, adamw(LEARNING_RATE), args.batch_size, args.block_size, accelerator, args.mesh,
-                      micro_batches=args.micro_batches, remat=None if args.remat == "auto" else args.remat)
+                      micro_batches=args.micro_batches, remat=None if args.remat == "auto" else args.remat,
+                      memory_fraction=args.memory_fraction)
     compile_seconds = trainer.compile(("input_ids", "labels"))
     compiled_bytes = trainer.compiled_bytes_per_device()
 
