@@ -27,9 +27,9 @@ RUN = ["--batch-size", "8", "--block-size", "32", "--max-steps", "20"]
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
 
 
-def finetune(*args, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(FINETUNE), *RUN, *map(str, args)], env=ENV, capture_output=True,
-                          text=True, timeout=300, **kwargs)
+def finetune(*args, user: list[str] = (), **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([*user, sys.executable, str(FINETUNE), *RUN, *map(str, args)], env=ENV,
+                          capture_output=True, text=True, timeout=300, **kwargs)
 
 
 def losses(metrics_file: Path) -> dict[int, float]:
@@ -101,7 +101,7 @@ def test_kill_9_during_saves_leaves_the_last_checkpoint(tmp_path):
     """Saving every step, kill -9 the run at random moments while a save is being written; each time
     --resume restores the newest complete checkpoint, and re-run steps repeat their losses exactly."""
     ckpt, metrics = tmp_path / "ckpt", tmp_path / "metrics.jsonl"
-    args = ["--flavor", 1, "--max-steps", 60, "--checkpoint-dir", ckpt, "--save-steps", 1, "--keep", 2,
+    args = ["--flavor", 1, "--max-steps", 30, "--checkpoint-dir", ckpt, "--save-steps", 1, "--keep", 2,
             "--metrics-file", metrics]
     rng, kills, last, seen = random.Random(0), 0, None, {}
     for attempt in range(12):
@@ -136,7 +136,7 @@ def test_kill_9_during_saves_leaves_the_last_checkpoint(tmp_path):
     assert f"Resumed from the checkpoint of step {last}" in done.stdout
     for record in map(json.loads, metrics.read_text().splitlines()):
         seen.setdefault(record["step"], []).append(record["loss"])
-    assert sorted(seen) == list(range(1, 61))
+    assert sorted(seen) == list(range(1, 31))
     repeated = {s: v for s, v in seen.items() if len(v) > 1}
     assert repeated, "no step was re-run after a kill"
     for values in repeated.values():
@@ -193,9 +193,10 @@ def test_checkpoint_folder_not_writable(straight):
         for path in [base, *base.rglob("*")]:
             path.chmod(0o555 if path.is_dir() else 0o444)
         before = folder_listing(base / "ckpt")
-        as_nobody = (lambda: (os.setgid(65534), os.setuid(65534))) if os.geteuid() == 0 else None
+        # root writes anywhere: run as nobody then
+        nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
         for resume in ([], ["--resume"]):
-            done = finetune("--checkpoint-dir", base / "ckpt", *resume, preexec_fn=as_nobody, cwd=base)
+            done = finetune("--checkpoint-dir", base / "ckpt", *resume, user=nobody, cwd=base)
             check_error(done, f"cannot write checkpoints to {base / 'ckpt'}")
         assert folder_listing(base / "ckpt") == before
     finally:
