@@ -25,7 +25,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dataset-name-or-path", default=None,
                    help="a .jsonl/.json/.parquet/.csv/.txt file or folder, a datasets save_to_disk folder, or a hub "
                         "name when online (default: the small built-in data set)")
-    p.add_argument("--dataset-format", default=None, choices=("text", "instruction", "summarization"),
+    p.add_argument("--dataset-format", default=None, choices=("text", "instructions", "summarization"),
                    help="how to read the data set's columns (default: detected from the column names)")
     p.add_argument("--no-packing", action="store_true",
                    help="pad each document to its own row instead of packing several into one block")
