@@ -1,1 +1,16 @@
-"""moai_jax: one virtual accelerator for JAX."""
+"""moai_jax: one virtual accelerator for JAX.
+
+    import moai_jax as moai
+    acc = moai.Accelerator(flavor=8)
+    trainer = moai.Trainer(model, optimizer, batch_size=512, seq_len=1024, accelerator=acc)
+    print(trainer.plan)
+"""
+
+from moai_jax.accelerator import Accelerator
+from moai_jax.errors import (CheckpointError, DataError, FlavorError, ModelConfigError, MoaiError, NoPlanFits,
+                             WeightsError)
+from moai_jax.planner import Plan, plan
+from moai_jax.trainer import Trainer
+
+__all__ = ["Accelerator", "CheckpointError", "DataError", "FlavorError", "ModelConfigError", "MoaiError",
+           "NoPlanFits", "Plan", "Trainer", "WeightsError", "plan"]
