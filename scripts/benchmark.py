@@ -108,6 +108,7 @@ def jax_benchmark(args, config) -> dict:
 
     from moai_jax.accelerator import Accelerator
     from moai_jax.models import Decoder, flops_per_token
+    from moai_jax.models.attention import resolve
     from moai_jax.optimizer import adamw
     from moai_jax.trainer import Trainer
 
@@ -139,6 +140,7 @@ def jax_benchmark(args, config) -> dict:
         "device": (f"{flavor} simulated CPU devices" if accelerator.simulated else f"{flavor} × {kind}")
         + (f", {trainer.plan.mesh}" if flavor > 1 else ""),
         "hardware": hardware.name, "dtype": dtype, "remat": trainer.plan.remat, "plan": trainer.plan.summary(),
+        "attention": resolve(args.attention, jnp.dtype(dtype), config.head_dim),
         "compile_seconds": compile_seconds, "step_seconds": step_seconds, "tokens_per_sec": tokens_per_sec,
         "mfu": flops_per_token(config, args.block_size) * tokens_per_sec / (flavor * peak_flops(hardware, dtype)),
         "compiled_bytes_per_device": compiled_bytes, "measured_peak_bytes": measured_peak_bytes(accelerator.devices),
@@ -271,7 +273,8 @@ def _gib(n) -> str:
 
 def table(results: list[dict]) -> str:
     """One markdown table over benchmark results (each: model, moai_jax row, optional pytorch row)."""
-    head = ["model", "params", "framework", "devices", "dtype", "batch × block", "remat", "step (s)", "tokens/s",
+    head = ["model", "params", "framework", "devices", "dtype", "batch × block", "remat", "attention", "step (s)",
+            "tokens/s",
             "MFU", "compiled peak / device", "measured peak", "vs PyTorch"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
@@ -281,7 +284,8 @@ def table(results: list[dict]) -> str:
             else:
                 ratio = r.get("speedup") if row["framework"] == "moai_jax" else None
                 cells = [row["framework"], row["device"], row["dtype"], f"{r['batch_size']} × {r['block_size']}",
-                         row["remat"], f"{row['step_seconds']:.3f}", f"{row['tokens_per_sec']:,.0f}",
+                         row["remat"], row.get("attention", "sdpa"), f"{row['step_seconds']:.3f}",
+                         f"{row['tokens_per_sec']:,.0f}",
                          f"{row['mfu']:.1%}", _gib(row.get("compiled_bytes_per_device")),
                          _gib(row.get("measured_peak_bytes")), f"{ratio:.2f}×" if ratio else ""]
             lines.append("| " + " | ".join([r["model"], f"{r['params'] / 1e6:.1f}M"] + cells) + " |")
