@@ -27,6 +27,19 @@ RUN = ["--batch-size", "8", "--block-size", "32", "--max-steps", "20"]
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """The runs share JAX's persistent compilation cache: a restarted run skips recompiling its step."""
+    cache = tmp_path_factory.mktemp("jax-cache")
+    cache.chmod(0o777)  # the run as another user (test_checkpoint_folder_not_writable) may use it too
+    ENV.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    yield
+    for key in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+                "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"):
+        ENV.pop(key)
+
+
 def finetune(*args, user: list[str] = (), **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([*user, sys.executable, str(FINETUNE), *RUN, *map(str, args)], env=ENV,
                           capture_output=True, text=True, timeout=300, **kwargs)
@@ -109,7 +122,7 @@ def test_kill_9_during_saves_leaves_the_last_checkpoint(tmp_path):
         proc = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         for line in proc.stdout:  # up to the first step line: resumed, compiled, training
             if line.startswith("Resumed from"):
-                assert f"step {last}" in line  # the newest complete checkpoint
+                assert f"step {last} in" in line  # the newest complete checkpoint
             if line.startswith("[Step "):
                 break
         while max(complete_steps(ckpt), default=0) <= (last or 0):  # a new checkpoint is done...
@@ -125,6 +138,7 @@ def test_kill_9_during_saves_leaves_the_last_checkpoint(tmp_path):
         steps = Checkpoints(ckpt, writable=False).steps()
         assert steps and (last is None or steps[-1] >= last)
         last = steps[-1]
+        print(f"kill -9 #{attempt + 1}: during a save: {during_save}; newest complete checkpoint: step {last}")
         for record in map(json.loads, metrics.read_text().splitlines()):
             seen.setdefault(record["step"], []).append(record["loss"])
         metrics.unlink()
@@ -157,7 +171,7 @@ def test_export_loads_in_transformers(straight, tmp_path):
     model, _ = load_model(straight / "ckpt")
     ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (2, 32)).astype(np.int32)
     ours = np.asarray(jax.device_get(model(ids)))
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     with torch.no_grad():
         theirs = hf(torch.from_numpy(ids).long()).logits.numpy()
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4)
