@@ -61,10 +61,11 @@ def params_of(checkpoint_dir: Path, step: int) -> dict:
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
-    """20 steps at flavor 8 on a data=2,fsdp=2,tensor=2 mesh, saving (asynchronously) at steps 10 and 20."""
+    """20 steps at flavor 8 on a data=2,fsdp=2,tensor=2 mesh, saving (asynchronously) at steps 10 and 20,
+    and the model in Hugging Face format at the end."""
     out = tmp_path_factory.mktemp("straight")
     done = finetune("--flavor", 8, "--mesh", "data=2,fsdp=2,tensor=2", "--checkpoint-dir", out / "ckpt",
-                    "--save-steps", 10, "--metrics-file", out / "metrics.jsonl")
+                    "--save-steps", 10, "--metrics-file", out / "metrics.jsonl", "--save-model-dir", out / "final")
     assert done.returncode == 0, done.stderr[-3000:]
     assert Checkpoints(out / "ckpt", writable=False).steps() == [10, 20]
     return out
@@ -160,13 +161,19 @@ def test_kill_9_during_saves_leaves_the_last_checkpoint(tmp_path):
 
 def test_export_loads_in_transformers(straight, tmp_path):
     import torch
-    from transformers import AutoModelForCausalLM
+    from safetensors.numpy import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     spec = importlib.util.spec_from_file_location("export_script", ROOT / "scripts" / "export.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     assert script.main(["--checkpoint-dir", str(straight / "ckpt"), "--save-model-dir", str(tmp_path / "hf")]) == 0
-    assert (tmp_path / "hf" / "config.json").is_file() and (tmp_path / "hf" / "model.safetensors").is_file()
+    exported, final = (load_file(d / "model.safetensors") for d in (tmp_path / "hf", straight / "final"))
+    assert exported.keys() == final.keys()  # the same as finetune.py's --save-model-dir at the end
+    for name in exported:
+        np.testing.assert_array_equal(exported[name], final[name])
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert tokenizer("hello")["input_ids"]
 
     model, _ = load_model(straight / "ckpt")
     ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (2, 32)).astype(np.int32)
