@@ -226,6 +226,15 @@ def torch_reference(args, config) -> dict:
 
         for i in range(args.warmup):
             step(batches[i % 2])
+        if device == "cpu" and torch.get_num_threads() > 1:
+            # OpenMP threads on a busy or small CPU can be many times slower than one: keep the faster.
+            timed = {}
+            for threads in (torch.get_num_threads(), 1):
+                torch.set_num_threads(threads)
+                start = time.perf_counter()
+                step(batches[0])
+                timed[threads] = time.perf_counter() - start
+            torch.set_num_threads(min(timed, key=timed.get))
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         times = []
