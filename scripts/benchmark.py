@@ -378,7 +378,7 @@ def suite(args) -> dict:
         no_reference = [] if platform == "gpu" else ["--no-reference"]  # PyTorch runs on CUDA or ROCm GPUs
         for model, batch, remat in ACCELERATOR_SUITE:
             out = child("--model", model, "--batch-size", str(batch), "--block-size", "4096", "--remat", remat,
-                        *common, *no_reference, timeout=240)
+                        *common, *no_reference, timeout=300)
             results.append(one_result(out, model, batch, 4096))
         return {"parity": checked, "results": results}
     for model, batch, block in CPU_SUITE:
