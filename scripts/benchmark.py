@@ -301,15 +301,15 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def complete(args, config, mine: dict, reference: dict | None, hardware=None) -> dict:
+def complete(args, config, mine: dict, reference: dict | None) -> dict:
     """A benchmark result: the moai_jax row, the reference row with its MFU on one device, the ratio."""
     from moai_jax.accelerator import hardware_profile
     from moai_jax.models import flops_per_token, param_count
 
     flops = flops_per_token(config, args.block_size)
     if reference and "error" not in reference:
-        hw = hardware or hardware_profile(mine["hardware"])
-        reference = {**reference, "mfu": flops * reference["tokens_per_sec"] / peak_flops(hw, reference["dtype"])}
+        peak = peak_flops(hardware_profile(mine["hardware"]), reference["dtype"])
+        reference = {**reference, "mfu": flops * reference["tokens_per_sec"] / peak}
     ok = reference and "error" not in reference
     return {"model": args.model, "params": param_count(config), "flops_per_token": flops,
             "batch_size": args.batch_size, "block_size": args.block_size, "moai_jax": mine, "pytorch": reference,
