@@ -33,6 +33,9 @@ GPU_FLAGS: dict[str, str] = {
     "xla_gpu_enable_pipelined_all_reduce": "true",
     "xla_gpu_enable_triton_gemm": "false",
 }
+# JAX's GPU memory pool defaults to 75% of the device, less than the planner's default budget of 80%
+# (of the nominal memory): let the pool take what the plan may use.
+MEMORY_FRACTION, GPU_MEMORY_FRACTION = "XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92"
 OPT_OUT = "MOAI_JAX_XLA_FLAGS"  # "0" / "false" / "off": leave XLA_FLAGS alone
 _CUDA_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin")
 
@@ -78,4 +81,5 @@ def apply(env: MutableMapping[str, str] = os.environ, *, force: bool = False) ->
     after = merge(before, GPU_FLAGS)
     if after != before:
         env["XLA_FLAGS"] = after
+    env.setdefault(MEMORY_FRACTION, GPU_MEMORY_FRACTION)
     return sorted(named(after) - named(before))

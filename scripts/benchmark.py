@@ -414,7 +414,6 @@ def report(out: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")  # before JAX starts: room for 3B on 80 GB
     from moai_jax.accelerator import parse_flavor, simulate_devices
     from moai_jax.errors import MoaiError
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 
 import jax.numpy as jnp
 
@@ -19,6 +20,8 @@ from moai_jax.planner.explain import alternatives, gib, why_chosen
 from moai_jax.planner.memory import estimate_bytes
 from moai_jax.planner.plan import Plan
 from moai_jax.planner.time_model import estimate_seconds
+from moai_jax.planner.verify import Verified
+from moai_jax.planner.verify import verify as verify_plan
 
 MAX_VERIFIES = 3  # candidates compiled before giving up on verification
 SIMPLER_WITHIN = 0.02  # candidates this close to the fastest are ordered simplest first
@@ -81,8 +84,12 @@ def smallest_flavor(config, batch_size, seq_len, hardware, memory_fraction, fixe
 def plan(model_config: ModelConfig, batch_size: int, seq_len: int, accelerator: Accelerator,
          memory_fraction: float = 0.8, *, verify: bool = True, data: int | None = None, fsdp: int | None = None,
          tensor: int | None = None, micro_batches: int | None = None, remat: str | None = None,
-         loss: str | None = None, compute_dtype: str | None = None, optimizer=None) -> Plan:
-    """The fastest plan whose memory fits `memory_fraction` of each device, verified by a compile."""
+         loss: str | None = None, compute_dtype: str | None = None, optimizer=None,
+         verifier: Callable[[Plan], Verified] | None = None) -> Plan:
+    """The fastest plan whose memory fits `memory_fraction` of each device, verified by a compile.
+
+    `verifier` compiles a candidate and measures it (default: the train step of an abstract Decoder
+    of `model_config`); the Trainer passes its own, so the verifying compile is the one it runs."""
     start = time.perf_counter()
     if not isinstance(memory_fraction, (int, float)) or not 0 < memory_fraction <= 1:
         raise FlavorError(f"memory fraction must be in (0, 1], e.g. 0.8, not {memory_fraction!r}")
@@ -121,9 +128,8 @@ def plan(model_config: ModelConfig, batch_size: int, seq_len: int, accelerator: 
         chosen = base(s, why_chosen(s, fits, over, fixed), alternatives(s, fits, over, budget, rejected))
         if not verify:
             return chosen
-        from moai_jax.planner.verify import verify as compile_and_measure
-
-        result = compile_and_measure(chosen, model_config, accelerator.devices, optimizer)
+        result = (verifier(chosen) if verifier is not None
+                  else verify_plan(chosen, model_config, accelerator.devices, optimizer))
         timing = {**chosen.planning_seconds, "verify": round(result.seconds, 3),
                   "total": round(time.perf_counter() - start, 3)}
         if result.bytes_per_device <= budget:

@@ -1,7 +1,8 @@
 """The time model: seconds of one train step on the target hardware, compute plus exposed communication.
 
     compute        training FLOPs (remat recompute included) / (devices × peak × efficiency), where the
-                   efficiency falls as each device's matmuls shrink (few tokens per micro-batch, tensor splits)
+                   efficiency falls as each device's matmuls shrink (few tokens per micro-batch, or the
+                   narrower matmuls of a tensor split)
     data           gradient all-reduce over `data`, once per step, overlapped with compute
     fsdp           weights all-gathered forward and backward and gradients reduce-scattered, once per
                    micro-batch, overlapped with compute
@@ -35,7 +36,8 @@ def estimate_seconds(config: ModelConfig, batch_size: int, seq_len: int, mesh: M
     tokens = batch_size * seq_len
     flops = flops_per_token(config, seq_len) * tokens * REMAT_FLOPS[remat]
     rows = tokens / micro_batches / mesh.batch_shards  # matmul rows per device per micro-batch
-    efficiency = PEAK_EFFICIENCY * rows / (rows + HALF_EFFICIENCY_ROWS) * (1 - 0.05 * (mesh.tensor > 1))
+    work = rows / mesh.tensor  # tensor parallelism narrows each device's matmuls as much as fewer rows would
+    efficiency = PEAK_EFFICIENCY * work / (work + HALF_EFFICIENCY_ROWS) * (1 - 0.05 * (mesh.tensor > 1))
     compute = flops / (devices * hardware.peak_flops * efficiency) + MICRO_BATCH_OVERHEAD * micro_batches
 
     params = param_count(config)

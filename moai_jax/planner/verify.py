@@ -21,8 +21,8 @@ from moai_jax.models import Decoder, ModelConfig
 from moai_jax.models import attention as attention_lib
 from moai_jax.planner.plan import Plan
 from moai_jax.sharding.mesh import make_mesh
+from moai_jax.train import BATCH_KEYS
 
-BATCH_KEYS = ("input_ids", "labels", "segment_ids", "positions")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,22 +52,29 @@ def compiled_bytes(compiled) -> int:
                - m.alias_size_in_bytes + m.generated_code_size_in_bytes)
 
 
-def verify(plan: Plan, config: ModelConfig, devices: Sequence[jax.Device],
-           optimizer: optax.GradientTransformation | None = None,
-           batch_keys: Sequence[str] = BATCH_KEYS) -> Verified:
-    """Lower and compile the plan's train step on abstract inputs; its peak bytes per device."""
+def compile_step(plan: Plan, model: nnx.Module, devices: Sequence[jax.Device],
+                 optimizer: optax.GradientTransformation | None = None, batch_keys: Sequence[str] = BATCH_KEYS):
+    """Lower and compile the plan's train step for `model` (abstract or real) on abstract inputs.
+
+    Returns the step's parts, the compiled executable (which runs the real state as well) and what
+    it measured."""
     from moai_jax.trainer import build_step  # the Trainer's own step: one way of doing it
 
     start = time.perf_counter()
     mesh = make_mesh(plan.mesh, list(devices)[: plan.mesh.size])
-    model = abstract_model(config, plan)
     parts = build_step(model, optimizer or default_optimizer(), plan, mesh)
     spec = jax.ShapeDtypeStruct((plan.batch_size, plan.seq_len), jnp.int32, sharding=parts.batch_sharding)
-    batch = {k: spec for k in batch_keys}
-    compiled = parts.step.lower(parts.abstract_state, batch, parts.abstract_rest).compile()
+    compiled = parts.step.lower(parts.abstract_state, {k: spec for k in batch_keys}, parts.abstract_rest).compile()
     device = mesh.devices.flat[0]
-    kernel = attention_lib.resolve("auto", jnp.dtype(plan.compute_dtype), config.head_dim)
+    kernel = attention_lib.resolve(getattr(model, "attention", "auto"), jnp.dtype(plan.compute_dtype),
+                                   model.config.head_dim)
     simulated = device.platform == "cpu" and plan.mesh.size > 1
     where = f"{plan.mesh.size} simulated devices" if simulated else f"{plan.mesh.size} device(s)"
     backend = f"{device.platform} ({where}, {kernel} attention)"
-    return Verified(compiled_bytes(compiled), backend, time.perf_counter() - start)
+    return parts, compiled, Verified(compiled_bytes(compiled), backend, time.perf_counter() - start)
+
+
+def verify(plan: Plan, config: ModelConfig, devices: Sequence[jax.Device],
+           optimizer: optax.GradientTransformation | None = None) -> Verified:
+    """Compile the plan's train step for an abstract Decoder of `config`; its peak bytes per device."""
+    return compile_step(plan, abstract_model(config, plan), devices, optimizer)[2]
