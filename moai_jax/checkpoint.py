@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import uuid
 from pathlib import Path
 from typing import Any

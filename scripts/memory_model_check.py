@@ -11,7 +11,6 @@ case passes when the estimate is within 15% of the compiled bytes.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
 # (model, flavor, data, fsdp, tensor, batch, seq, micro_batches, remat, loss, compute dtype)
