@@ -46,7 +46,7 @@ def config_dict(config: Any) -> dict | None:
     return None if config is None else _json(dataclasses.asdict(config))
 
 
-def _check_writable(directory: Path) -> None:
+def check_writable(directory: Path, flag: str = "--checkpoint-dir") -> None:
     """Create `directory` if needed and prove a file can be written there, before any training runs."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -55,8 +55,8 @@ def _check_writable(directory: Path) -> None:
         probe.unlink()
     except OSError as e:
         reason = e.strerror or type(e).__name__
-        raise CheckpointError(f"cannot write checkpoints to {directory} ({reason}); pass a --checkpoint-dir "
-                              "this user can write to") from None
+        raise CheckpointError(f"cannot write to {directory} ({reason}); pass a {flag} this user can write to"
+                              ) from None
 
 
 def _array_handler() -> ocp.PyTreeCheckpointHandler:
@@ -89,7 +89,7 @@ class Checkpoints:
         if keep is not None and keep < 1:
             raise CheckpointError(f"--keep must be at least 1, not {keep}")
         if writable:
-            _check_writable(self.directory)
+            check_writable(self.directory)
         elif not self.directory.is_dir():
             raise CheckpointError(f"no checkpoint folder at {self.directory}; pass the --checkpoint-dir of a run")
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=writable, create=writable,

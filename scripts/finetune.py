@@ -91,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
 
     from moai_jax import data
     from moai_jax.accelerator import Accelerator
+    from moai_jax.checkpoint import check_writable
     from moai_jax.errors import FlavorError
     from moai_jax.metrics import MetricsFile, StepTimer, step_line, summary
     from moai_jax.models import Decoder, ModelConfig, load_pretrained, save_pretrained
@@ -103,6 +104,8 @@ def run(args: argparse.Namespace) -> int:
     if args.max_steps is not None and args.max_steps < 1:
         raise FlavorError(f"--max-steps must be at least 1, not {args.max_steps}")
     checkpoints = open_checkpoints(args)  # before any work: a bad folder fails fast
+    if args.save_model_dir:
+        check_writable(Path(args.save_model_dir), "--save-model-dir")
 
     from moai_jax.planner.memory import parse_bytes
 

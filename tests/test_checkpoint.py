@@ -218,7 +218,7 @@ def test_checkpoint_folder_not_writable(straight):
         nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
         for resume in ([], ["--resume"]):
             done = finetune("--checkpoint-dir", base / "ckpt", *resume, user=nobody, cwd=base)
-            check_error(done, f"cannot write checkpoints to {base / 'ckpt'}")
+            check_error(done, f"cannot write to {base / 'ckpt'}")
         assert folder_listing(base / "ckpt") == before
     finally:
         for path in [base, *base.rglob("*")]:

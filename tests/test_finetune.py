@@ -65,6 +65,15 @@ def test_bad_input_is_one_line_and_exit_2(args, message, capsys):
     assert err.startswith("error: ") and "\n" not in err and message in err, err
 
 
+def test_unwritable_model_dir_fails_before_training(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert finetune_main()(["--flavor", "1", "--save-model-dir", str(blocker / "model")]) == 2
+    err = capsys.readouterr()
+    assert err.err.startswith(f"error: cannot write to {blocker / 'model'}") and "--save-model-dir" in err.err
+    assert "[Step" not in err.out and blocker.read_text() == "not a folder"
+
+
 def test_bad_input_from_the_shell_has_no_traceback():
     result = run_script("--flavor", "0")
     assert result.returncode == 2
