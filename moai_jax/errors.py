@@ -1,5 +1,7 @@
 """The errors a user can cause. Each message says what to change; scripts print it as one line and exit 2."""
 
+import sys
+
 
 class MoaiError(Exception):
     """Base of every user-facing moai_jax error."""
@@ -27,3 +29,9 @@ class CheckpointError(MoaiError):
 
 class NoPlanFits(MoaiError):
     """No parallelization plan fits the device memory."""
+
+
+def report_error(error: MoaiError) -> int:
+    """Print a user's mistake as the one line `error: ...` on stderr; returns the scripts' exit status, 2."""
+    print(f"error: {error}", file=sys.stderr)
+    return 2

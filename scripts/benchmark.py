@@ -415,7 +415,7 @@ def report(out: dict) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from moai_jax.accelerator import parse_flavor, simulate_devices
-    from moai_jax.errors import MoaiError
+    from moai_jax.errors import MoaiError, report_error
 
     try:
         if args.reference_only:
@@ -430,8 +430,7 @@ def main(argv=None) -> int:
             simulate_devices(parse_flavor(args.flavor))  # before JAX starts its backends
             out = {"results": [benchmark(args)]}
     except MoaiError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report_error(e)
     print(json.dumps(out) if args.json else report(out))
     failed = any("error" in r["moai_jax"] for r in out.get("results", []))
     return 1 if failed or not out.get("parity", {}).get("ok", True) else 0

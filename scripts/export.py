@@ -28,13 +28,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from moai_jax.checkpoint import export
     absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax's notes about opening a folder read-only
-    from moai_jax.errors import MoaiError
+    from moai_jax.errors import MoaiError, report_error
 
     try:
         out = export(args.checkpoint_dir, args.save_model_dir, step=args.step, dtype=args.dtype)
     except MoaiError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report_error(e)
     print(f"Model: {out}")
     return 0
 

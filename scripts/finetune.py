@@ -70,13 +70,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from moai_jax.errors import MoaiError
+    from moai_jax.errors import MoaiError, report_error
 
     try:
         return run(args)
     except MoaiError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report_error(e)
 
 
 def run(args: argparse.Namespace) -> int:

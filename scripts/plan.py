@@ -71,13 +71,12 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from moai_jax.errors import MoaiError
+    from moai_jax.errors import MoaiError, report_error
 
     try:
         return run(args)
     except MoaiError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report_error(e)
 
 
 if __name__ == "__main__":
