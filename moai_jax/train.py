@@ -17,6 +17,7 @@ import optax
 from flax import nnx, struct
 
 IGNORE = -100
+LOSS_CHUNK = 512  # sequence positions per logits chunk under a plan's chunked loss
 BATCH_KEYS = ("input_ids", "labels", "segment_ids", "positions")
 
 

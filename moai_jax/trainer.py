@@ -32,9 +32,7 @@ from moai_jax.planner.plan import Plan
 from moai_jax.sharding.annotate import logical_sharding
 from moai_jax.sharding.mesh import MeshShape, check_mesh, default_mesh_shape, make_mesh
 from moai_jax.sharding.rules import partition_spec, tree_shardings
-from moai_jax.train import BATCH_KEYS, IGNORE, TrainState, eval_step, train_step
-
-LOSS_CHUNK = 512  # sequence positions per logits chunk under plan.loss == "chunked"
+from moai_jax.train import BATCH_KEYS, IGNORE, LOSS_CHUNK, TrainState, eval_step, train_step
 
 
 def _layout(plan: Plan) -> tuple:

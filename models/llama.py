@@ -188,9 +188,9 @@ class Decoder(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
         cos_BTH, sin_BTH = rotary(positions, rope_frequencies(c))
 
-        # Row lookups from a sharded table would leave the result sharded along embed, not batch, and the
-        # partitioner would replicate the whole [batch, length, embed] to fix it: gather the table instead.
-        table_VE = constrain(self.embedding[...].astype(self.dtype), (None, None))
+        # Like every weight under FSDP, the table is gathered for its use (over fsdp, not over tensor):
+        # looked up from embed-sharded rows, the result would need a reshuffle XLA only does by replicating it.
+        table_VE = constrain(self.embedding[...].astype(self.dtype), ("vocab", None))
         x_BTE = jnp.take(table_VE, input_ids_BT, axis=0)
         x_BTE = constrain(x_BTE, ("batch", "length", "embed"))
         graphdef, layer_state = nnx.split(self.layers)

@@ -12,9 +12,9 @@ from collections.abc import Iterator
 
 from moai_jax.errors import FlavorError
 from moai_jax.models import ModelConfig
-from moai_jax.planner.memory import LOSS_CHUNK
 from moai_jax.planner.plan import LOSS_MODES, REMAT_POLICIES
 from moai_jax.sharding.mesh import MeshShape
+from moai_jax.train import LOSS_CHUNK
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,7 +24,6 @@ from moai_jax.sharding.mesh import make_mesh
 from moai_jax.train import BATCH_KEYS
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Verified:
     bytes_per_device: int
