@@ -30,7 +30,9 @@ SAVED = {"none": (9.6, 5.4, 4.2, 6.0), "matmuls": (3.0, 2.0, 2.0, 2.0), "full": 
 RECOMPUTE = (4.4, 2.4, 1.9, 2.7)
 LOGIT_COPIES = 2.0  # float32 logits, softmax, gradient of the logits
 GATHER_COPIES = 2.8  # a layer's gathered weights: forward, backward, gradient before reduce-scatter
-HEAD_COPIES = 2.95  # vocab-sized tables gathered: the embedding and the head, and their gradients
+# Vocab-sized tables gathered in flight: the embedding and the head, and their gradients (which the
+# micro-batch loop keeps alive longer).
+HEAD_COPIES = {"one batch": 1.7, "micro-batches": 2.95}
 UPDATE_COPIES = 0.02  # transient parameter-sized buffers of the optimizer update
 ATTENTION_BLOCK = 128  # the blockwise attention's key block
 ATTENTION_COPIES = 2.8  # float32 [rows, heads, length, block] scores, probabilities and their gradient
@@ -126,7 +128,7 @@ def estimate_bytes(config: ModelConfig, batch_size: int, seq_len: int, mesh: Mes
     if mesh.fsdp > 1:
         layer = layer_param_elements(config) / mesh.tensor
         head = config.vocab_size * config.hidden_size / mesh.tensor
-        gathered = (GATHER_COPIES * layer + HEAD_COPIES * head) * max(param_bytes, activation_bytes) * (1 - 1 / mesh.fsdp)
+        gathered = (GATHER_COPIES * layer + HEAD_COPIES["micro-batches" if micro_batches > 1 else "one batch"] * head) * max(param_bytes, activation_bytes) * (1 - 1 / mesh.fsdp)
     batch = 4 * 4 * batch_size * seq_len // mesh.batch_shards
     terms = {
         "parameters": p,

@@ -14,12 +14,18 @@ axis whose group (with the axes inside it) exceeds a host crosses the slower int
 
 from __future__ import annotations
 
+import math
+
 from moai_jax.accelerator import Hardware
 from moai_jax.models import ModelConfig, flops_per_token, param_count
 from moai_jax.sharding.mesh import MeshShape
 
 PEAK_EFFICIENCY = 0.55  # of peak FLOP/s that large bfloat16 matmuls reach in a training step
 HALF_EFFICIENCY_ROWS = 1024  # matmul rows (tokens per device per micro-batch) at which half of it is lost
+# Per doubling of `tensor`: the layer's all-reduces sit between its matmuls, which then cannot
+# overlap with anything, and the split matmuls run below peak; tensor parallelism pays off only
+# when the per-device batch would otherwise fall below a sequence or memory runs out.
+TENSOR_EFFICIENCY_LOSS = 0.15
 OVERLAP = 0.8  # share of compute time that can hide data / fsdp communication
 MICRO_BATCH_OVERHEAD = 0.01  # seconds per micro-batch: loop, gradient accumulation, launch
 REMAT_FLOPS = {"none": 1.0, "matmuls": 1.05, "full": 4 / 3}  # training FLOPs relative to no recompute
@@ -37,7 +43,8 @@ def estimate_seconds(config: ModelConfig, batch_size: int, seq_len: int, mesh: M
     flops = flops_per_token(config, seq_len) * tokens * REMAT_FLOPS[remat]
     rows = tokens / micro_batches / mesh.batch_shards  # matmul rows per device per micro-batch
     work = rows / mesh.tensor  # tensor parallelism narrows each device's matmuls as much as fewer rows would
-    efficiency = PEAK_EFFICIENCY * work / (work + HALF_EFFICIENCY_ROWS) * (1 - 0.05 * (mesh.tensor > 1))
+    efficiency = (PEAK_EFFICIENCY * work / (work + HALF_EFFICIENCY_ROWS)
+                  * (1 - TENSOR_EFFICIENCY_LOSS * math.log2(mesh.tensor)))
     compute = flops / (devices * hardware.peak_flops * efficiency) + MICRO_BATCH_OVERHEAD * micro_batches
 
     params = param_count(config)
