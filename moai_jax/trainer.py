@@ -29,6 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from moai_jax.accelerator import Accelerator
 from moai_jax.errors import FlavorError
 from moai_jax.planner.plan import Plan
+from moai_jax.planner.verify import compile_step, compiled_bytes
 from moai_jax.sharding.annotate import logical_sharding
 from moai_jax.sharding.mesh import MeshShape, check_mesh, default_mesh_shape, make_mesh
 from moai_jax.sharding.rules import partition_spec, tree_shardings
@@ -137,7 +138,6 @@ class Trainer:
     def _auto_plan(self, abstract, optimizer, mesh, micro_batches, remat, memory_fraction) -> Plan:
         """The planner's choice with the user's fixed knobs honored (a mesh string fixes all three axes)."""
         from moai_jax.planner import plan
-        from moai_jax.planner.verify import compile_step
 
         shape = MeshShape.parse(mesh) if isinstance(mesh, str) else mesh
         axes = {} if shape is None else {"data": shape.data, "fsdp": shape.fsdp, "tensor": shape.tensor}
@@ -212,9 +212,7 @@ class Trainer:
         if compiled is None:
             self.compile()
             compiled = next(iter(self._compiled.values()))
-        m = compiled.memory_analysis()
-        return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-                   - m.alias_size_in_bytes + m.generated_code_size_in_bytes)
+        return compiled_bytes(compiled)
 
     def step(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
         """One training step on a global batch. Metrics come back as device arrays: reading them waits."""
