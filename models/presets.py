@@ -38,22 +38,24 @@ _LLAMA3_70B = dataclasses.replace(
 _LLAMA31 = {"max_position_embeddings": 131072, "rope_scaling": _llama3_rope(8.0)}
 _LLAMA32 = {"max_position_embeddings": 131072, "rope_scaling": _llama3_rope(32.0), "tie_word_embeddings": True}
 
+_LLAMA2_7B = ModelConfig(
+    model_type="llama",
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_layers=32,
+    num_heads=32,
+    num_kv_heads=32,
+    head_dim=128,
+    max_position_embeddings=4096,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-5,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
 PRESETS: dict[str, ModelConfig] = {
-    "llama2-7b": ModelConfig(
-        model_type="llama",
-        vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_layers=32,
-        num_heads=32,
-        num_kv_heads=32,
-        head_dim=128,
-        max_position_embeddings=4096,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-5,
-        bos_token_id=1,
-        eos_token_id=2,
-    ),
+    "llama2-7b": _LLAMA2_7B,
     "llama3-8b": _LLAMA3_8B,
     "llama3-70b": _LLAMA3_70B,
     "llama3.1-8b": dataclasses.replace(_LLAMA3_8B, **_LLAMA31),
@@ -64,21 +66,9 @@ PRESETS: dict[str, ModelConfig] = {
     "llama3.2-3b": dataclasses.replace(
         _LLAMA3_8B, hidden_size=3072, intermediate_size=8192, num_layers=28, num_heads=24, **_LLAMA32
     ),
-    "mistral-7b": ModelConfig(
-        model_type="mistral",
-        vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_layers=32,
-        num_heads=32,
-        num_kv_heads=8,
-        head_dim=128,
-        max_position_embeddings=32768,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-5,
+    "mistral-7b": dataclasses.replace(
+        _LLAMA2_7B, model_type="mistral", intermediate_size=14336, num_kv_heads=8, max_position_embeddings=32768,
         sliding_window=4096,
-        bos_token_id=1,
-        eos_token_id=2,
     ),
     "qwen2.5-7b": ModelConfig(
         model_type="qwen2",
