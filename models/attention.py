@@ -33,7 +33,7 @@ def resolve(implementation: str, dtype, head_dim: int) -> str:
     if implementation != "auto":
         return implementation
     device = jax.devices()[0]
-    nvidia = device.platform == "gpu" and "cuda" in device.client.platform_version.lower()
+    nvidia = device.platform == "gpu" and "nvidia" in device.device_kind.lower()  # e.g. "NVIDIA H100 80GB HBM3"
     sixteen_bit = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     return "cudnn" if nvidia and sixteen_bit and head_dim % 8 == 0 and head_dim <= 128 else "blockwise"
 
