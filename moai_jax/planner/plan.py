@@ -52,6 +52,9 @@ class Plan:
                 f"batch per device {self.batch_per_device:g} | {tp} | remat {self.remat} | loss {self.loss} | "
                 f"compute {self.compute_dtype}")
 
+    def __str__(self) -> str:
+        return f"{self.summary()}\nwhy: {self.why}"
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["batch_per_device"] = self.batch_per_device
