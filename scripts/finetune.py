@@ -12,6 +12,7 @@ simulated, so every flavor runs (slowly) on a CPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -80,29 +81,33 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from moai_jax.accelerator import parse_flavor, simulate_devices
+    from moai_jax.errors import FlavorError
 
     flavor = parse_flavor(args.flavor)
     simulate_devices(flavor)  # before JAX starts its backends
-
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from moai_jax import data
-    from moai_jax.accelerator import Accelerator
-    from moai_jax.checkpoint import check_writable
-    from moai_jax.errors import FlavorError
-    from moai_jax.metrics import MetricsFile, StepTimer, step_line, summary
-    from moai_jax.models import Decoder, ModelConfig, load_pretrained, save_pretrained
-    from moai_jax.optimizer import adamw, learning_rate_schedule
-    from moai_jax.trainer import Trainer
-
     for name in ("batch_size", "block_size", "epochs", "log_interval"):
         if getattr(args, name) < 1:
             raise FlavorError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
     if args.max_steps is not None and args.max_steps < 1:
         raise FlavorError(f"--max-steps must be at least 1, not {args.max_steps}")
     checkpoints = open_checkpoints(args)  # before any work: a bad folder fails fast
+    with checkpoints or contextlib.nullcontext():  # on every way out, the last save is finished
+        return train(args, flavor, checkpoints)
+
+
+def train(args: argparse.Namespace, flavor: int, checkpoints) -> int:
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from moai_jax.models import Decoder, ModelConfig, load_pretrained, save_pretrained
+
+    from moai_jax import data
+    from moai_jax.accelerator import Accelerator
+    from moai_jax.checkpoint import check_writable
+    from moai_jax.metrics import MetricsFile, StepTimer, step_line, summary
+    from moai_jax.optimizer import adamw, learning_rate_schedule
+    from moai_jax.trainer import Trainer
+
     if args.save_model_dir:
         check_writable(Path(args.save_model_dir), "--save-model-dir")
 
@@ -179,8 +184,6 @@ def run(args: argparse.Namespace) -> int:
             timer = StepTimer(args.batch_size * args.block_size)
     report(timer.finish())
     metrics_file.close()
-    if checkpoints:
-        checkpoints.close()  # waits for the last save
 
     if args.save_model_dir:
         save_pretrained(trainer.model, args.save_model_dir)
@@ -202,7 +205,10 @@ def open_checkpoints(args: argparse.Namespace):
         raise CheckpointError(f"--save-steps must be at least 1, not {args.save_steps}")
     checkpoints = Checkpoints(args.checkpoint_dir, keep=args.keep)
     if args.resume:
-        checkpoints.metadata()  # CheckpointError when there is none
+        with contextlib.ExitStack() as on_error:
+            on_error.callback(checkpoints.close)
+            checkpoints.metadata()  # CheckpointError when there is none
+            on_error.pop_all()
     return checkpoints
 
 
