@@ -197,6 +197,9 @@ class Checkpoints:
     def close(self) -> None:
         """Wait for the last save, then release the manager."""
         self.wait()
+        # Orbax removes half-written saves in a thread started at open, and its close() does not wait
+        # for it: a process that exits first would print that thread's traceback at shutdown.
+        getattr(self._manager, "_maybe_await_cleanup_tmp_directory", lambda: None)()
         self._manager.close()
 
     def __enter__(self) -> Checkpoints:
