@@ -116,27 +116,27 @@ class Trainer:
         self.config = getattr(abstract, "config", None)
         self._compiled: dict[frozenset[str], Any] = {}  # batch keys → executable
         self.compile_seconds: float | None = None
-        self._verified: dict[tuple, tuple[StepParts, Any, Any]] = {}  # the planner's compiles, to reuse
-        self.plan = plan or self._auto_plan(abstract, optimizer, mesh, micro_batches, remat, memory_fraction)
+        verified: dict[tuple, tuple[StepParts, Any, Any]] = {}  # the planner's compiles, by layout
+        self.plan = plan or self._auto_plan(abstract, optimizer, mesh, micro_batches, remat, memory_fraction,
+                                            verified)
         check_mesh(self.plan.mesh, accelerator.flavor, batch_size=batch_size, micro_batches=self.plan.micro_batches,
                    num_heads=getattr(self.config, "num_heads", None),
                    num_kv_heads=getattr(self.config, "num_kv_heads", None))
         self.mesh = make_mesh(self.plan.mesh, accelerator.devices)
-        verified = self._verified.get(_layout(self.plan))
-        if verified is not None:  # the planner compiled this very step: run that executable
-            parts, compiled, measured = verified
+        if _layout(self.plan) in verified:  # the planner compiled this very step: run that executable
+            parts, compiled, measured = verified[_layout(self.plan)]
             self._compiled[frozenset(BATCH_KEYS)] = compiled
             self.compile_seconds = measured.seconds
         else:
             parts = build_step(abstract, optimizer, self.plan, self.mesh)
-        self._verified.clear()
         self.graphdef, self._replicated, self.batch_sharding = parts.graphdef, parts.replicated, parts.batch_sharding
         self.param_shardings, self.state_shardings = parts.param_shardings, parts.state_shardings
         self._step, self._eval = parts.step, parts.eval
         self.state, self._rest = self._init_state(model, optimizer, params)
 
-    def _auto_plan(self, abstract, optimizer, mesh, micro_batches, remat, memory_fraction) -> Plan:
-        """The planner's choice with the user's fixed knobs honored (a mesh string fixes all three axes)."""
+    def _auto_plan(self, abstract, optimizer, mesh, micro_batches, remat, memory_fraction, verified) -> Plan:
+        """The planner's choice with the user's fixed knobs honored (a mesh string fixes all three axes).
+        The planner verifies candidates with this model and optimizer; their compiles land in `verified`."""
         from moai_jax.planner import plan
 
         shape = MeshShape.parse(mesh) if isinstance(mesh, str) else mesh
@@ -147,9 +147,10 @@ class Trainer:
             return Plan(flavor=self.accelerator.flavor, hardware=self.accelerator.hardware.name, mesh=shape,
                         batch_size=self.batch_size, seq_len=self.seq_len, micro_batches=micro_batches or 1,
                         remat=remat or "none", compute_dtype=dtype)
+
         def verifier(candidate: Plan):
             result = compile_step(candidate, abstract, self.accelerator.devices, optimizer)
-            self._verified[_layout(candidate)] = result
+            verified[_layout(candidate)] = result
             return result[2]
 
         return plan(self.config, self.batch_size, self.seq_len, self.accelerator, memory_fraction,

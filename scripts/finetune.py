@@ -132,6 +132,7 @@ def train(args: argparse.Namespace, flavor: int, checkpoints) -> int:
     lr = args.lr if args.lr is not None else (1e-5 if pretrained else 3e-3)
     schedule = learning_rate_schedule(lr, total, warmup_steps=args.warmup_steps)
     optimizer = adamw(schedule, weight_decay=args.weight_decay)
+    learning_rates = jax.device_get(jax.vmap(schedule)(jnp.arange(total)))  # once, not a device call per step
 
     build = lambda: Decoder(config, rngs=nnx.Rngs(args.seed), dtype=jnp.dtype(dtype))  # noqa: E731
     load = (lambda shardings: load_pretrained(args.model_name_or_path, dtype=jnp.dtype(dtype), shardings=shardings)
@@ -166,7 +167,7 @@ def train(args: argparse.Namespace, flavor: int, checkpoints) -> int:
         if step % args.log_interval == 0 or step == total:
             print(step_line(step, total, done["loss"], done["duration"], done["tokens_per_sec"]), flush=True)
             metrics_file.write({"step": step, "loss": done["loss"], "duration": done["duration"],
-                                "tokens_per_sec": done["tokens_per_sec"], "learning_rate": float(schedule(step - 1)),
+                                "tokens_per_sec": done["tokens_per_sec"], "learning_rate": float(learning_rates[step - 1]),
                                 "grad_norm": done["grad_norm"]})
 
     for step, batch in enumerate(batches, start=start + 1):

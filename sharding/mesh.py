@@ -61,7 +61,7 @@ def check_mesh(shape: MeshShape, flavor: int, *, batch_size: int | None = None, 
     for heads, what in ((num_heads, "attention heads"), (num_kv_heads, "key/value heads")):
         if heads is not None and heads % shape.tensor:
             raise FlavorError(f"tensor={shape.tensor} does not divide the model's {heads} {what}; "
-                              f"choose tensor from {_divisors(heads)}")
+                              f"choose tensor from {divisors(heads)}")
     if batch_size is not None:
         if micro_batches < 1 or batch_size % micro_batches:
             raise FlavorError(f"micro-batches {micro_batches} must divide the batch size {batch_size}")
@@ -81,7 +81,8 @@ def make_mesh(shape: MeshShape, devices: Sequence[jax.Device]) -> Mesh:
     return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
 
 
-def _divisors(n: int) -> list[int]:
+def divisors(n: int) -> list[int]:
+    """The whole numbers that divide n: the sizes an axis can take."""
     return [d for d in range(1, n + 1) if n % d == 0]
 
 

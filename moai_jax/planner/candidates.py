@@ -12,8 +12,9 @@ from collections.abc import Iterator
 
 from moai_jax.errors import FlavorError
 from moai_jax.models import ModelConfig
-from moai_jax.planner.plan import LOSS_MODES, REMAT_POLICIES
-from moai_jax.sharding.mesh import MeshShape
+from moai_jax.models.llama import REMAT_POLICIES
+from moai_jax.planner.plan import LOSS_MODES
+from moai_jax.sharding.mesh import MeshShape, divisors
 from moai_jax.train import LOSS_CHUNK
 
 
@@ -44,10 +45,6 @@ class Candidate:
 
     def describe(self) -> str:
         return f"mesh {self.mesh}, {self.micro_batches} micro-batch(es), remat {self.remat}, loss {self.loss}"
-
-
-def divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def check_fixed(fixed: Fixed, flavor: int, config: ModelConfig, batch_size: int, seq_len: int,

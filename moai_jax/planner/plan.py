@@ -11,7 +11,6 @@ from typing import Any
 
 from moai_jax.sharding.mesh import MeshShape
 
-REMAT_POLICIES = ("none", "matmuls", "full")
 LOSS_MODES = ("whole", "chunked")
 
 

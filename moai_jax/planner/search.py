@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from moai_jax.accelerator import Accelerator, Hardware
 from moai_jax.errors import FlavorError, NoPlanFits
 from moai_jax.models import ModelConfig, flops_per_token
+from moai_jax.models.llama import REMAT_POLICIES
 from moai_jax.planner.candidates import Candidate, Fixed, candidates, check_fixed
 from moai_jax.planner.explain import alternatives, gib, why_chosen
 from moai_jax.planner.memory import estimate_bytes
@@ -36,7 +37,7 @@ class Scored:
     @property
     def simplicity(self) -> tuple:
         c = self.candidate
-        return (c.mesh.tensor, c.micro_batches, ("none", "matmuls", "full").index(c.remat), c.loss != "whole",
+        return (c.mesh.tensor, c.micro_batches, REMAT_POLICIES.index(c.remat), c.loss != "whole",
                 c.mesh.fsdp)
 
 
