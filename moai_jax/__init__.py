@@ -7,15 +7,8 @@
 """
 
 from moai_jax.accelerator import Accelerator
-from moai_jax.errors import (
-                             CheckpointError,
-                             DataError,
-                             FlavorError,
-                             MoaiError,
-                             ModelConfigError,
-                             NoPlanFits,
-                             WeightsError,
-)
+from moai_jax.errors import (CheckpointError, DataError, FlavorError, ModelConfigError, MoaiError, NoPlanFits,
+                             WeightsError)
 from moai_jax.planner import Plan, plan
 from moai_jax.trainer import Trainer
 

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import jax
 from jax.sharding import Mesh, NamedSharding
+
 from moai_jax.sharding.rules import DEFAULT_RULES, partition_spec
 
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, Mapping[str, tuple[str, ...]]] | None] = contextvars.ContextVar(
