@@ -13,8 +13,6 @@ each tensor goes straight onto its shards.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -24,22 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
 from moai_jax.accelerator import Accelerator
 from moai_jax.errors import FlavorError
 from moai_jax.planner.plan import Plan
-from moai_jax.planner.verify import compile_step, compiled_bytes
-from moai_jax.sharding.annotate import logical_sharding
 from moai_jax.sharding.mesh import MeshShape, check_mesh, default_mesh_shape, make_mesh
-from moai_jax.sharding.rules import partition_spec, tree_shardings
-from moai_jax.train import BATCH_KEYS, IGNORE, LOSS_CHUNK, TrainState, eval_step, train_step
-
-
-def _layout(plan: Plan) -> tuple:
-    """What decides a plan's compiled step (estimates and explanations aside)."""
-    return (plan.mesh, plan.batch_size, plan.seq_len, plan.micro_batches, plan.remat, plan.loss, plan.compute_dtype,
-            plan.param_dtype)
+from moai_jax.step import StepParts, build_step, compile_step, compiled_bytes, layout
+from moai_jax.train import BATCH_KEYS, IGNORE, TrainState
 
 
 def next_token_labels(input_ids: np.ndarray) -> np.ndarray:
@@ -47,62 +36,6 @@ def next_token_labels(input_ids: np.ndarray) -> np.ndarray:
     labels = np.full_like(input_ids, IGNORE)
     labels[:, :-1] = input_ids[:, 1:]
     return labels
-
-
-@dataclasses.dataclass(frozen=True)
-class StepParts:
-    """A plan's jitted train and eval steps over a mesh, and the shardings of what they take."""
-
-    graphdef: nnx.GraphDef
-    param_shardings: Any
-    state_shardings: TrainState
-    batch_sharding: NamedSharding
-    replicated: NamedSharding
-    abstract_state: TrainState  # ShapeDtypeStructs carrying the shardings: nothing allocated
-    abstract_rest: Any
-    step: Any
-    eval: Any
-
-
-def build_step(abstract: nnx.Module, optimizer: optax.GradientTransformation, plan: Plan, mesh) -> StepParts:
-    """The plan's train step for an abstract (or real) model, jitted with shardings and donated state.
-
-    Used by the Trainer to run and by the planner to verify (lowered on abstract inputs)."""
-    replicated = NamedSharding(mesh, PartitionSpec())
-    batch_sharding = NamedSharding(mesh, partition_spec(
-        ("batch", "length"), (plan.batch_size // plan.micro_batches, plan.seq_len), dict(mesh.shape)))
-    if hasattr(abstract, "remat"):
-        abstract.remat = plan.remat
-    graphdef, abstract_params, abstract_rest = nnx.split(abstract, nnx.Param, ...)
-    param_shapes = nnx.to_pure_dict(abstract_params)
-    logical = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
-    param_shardings = tree_shardings(logical, param_shapes, mesh)
-    opt_shapes = jax.eval_shape(optimizer.init, param_shapes)
-    opt_shardings = optax.tree_map_params(optimizer, lambda _, s: s, opt_shapes, param_shardings,
-                                          transform_non_params=lambda _: replicated)
-    state_shardings = TrainState(params=param_shardings, opt_state=opt_shardings, step=replicated)
-    shaped = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
-    abstract_state = jax.tree.map(shaped, TrainState(params=param_shapes, opt_state=opt_shapes,
-                                                     step=jax.ShapeDtypeStruct((), jnp.int32)), state_shardings)
-    abstract_rest = jax.tree.map(lambda x: shaped(x, replicated), nnx.to_pure_dict(abstract_rest))
-
-    def traced(fn):
-        """`fn` traced inside the mesh's logical sharding, so the model's constraints take effect."""
-        def run(first, batch, rest):
-            with logical_sharding(mesh):
-                return fn(first, batch, graphdef=graphdef, rest=rest)
-        return run
-
-    loss_chunk = LOSS_CHUNK if plan.loss == "chunked" else None
-    train = functools.partial(train_step, tx=optimizer, micro_batches=plan.micro_batches,
-                              loss_chunk=loss_chunk, grad_shardings=param_shardings)
-    evaluate = functools.partial(eval_step, loss_chunk=loss_chunk)
-    step = jax.jit(traced(train), in_shardings=(state_shardings, batch_sharding, replicated),
-                   out_shardings=(state_shardings, replicated), donate_argnums=0)
-    evaluation = jax.jit(traced(evaluate), in_shardings=(param_shardings, batch_sharding, replicated),
-                         out_shardings=replicated)
-    return StepParts(graphdef, param_shardings, state_shardings, batch_sharding, replicated, abstract_state,
-                     abstract_rest, step, evaluation)
 
 
 class Trainer:
@@ -123,8 +56,8 @@ class Trainer:
                    num_heads=getattr(self.config, "num_heads", None),
                    num_kv_heads=getattr(self.config, "num_kv_heads", None))
         self.mesh = make_mesh(self.plan.mesh, accelerator.devices)
-        if _layout(self.plan) in verified:  # the planner compiled this very step: run that executable
-            parts, compiled, measured = verified[_layout(self.plan)]
+        if layout(self.plan) in verified:  # the planner compiled this very step: run that executable
+            parts, compiled, measured = verified[layout(self.plan)]
             self._compiled[frozenset(BATCH_KEYS)] = compiled
             self.compile_seconds = measured.seconds
         else:
@@ -150,7 +83,7 @@ class Trainer:
 
         def verifier(candidate: Plan):
             result = compile_step(candidate, abstract, self.accelerator.devices, optimizer)
-            verified[_layout(candidate)] = result
+            verified[layout(candidate)] = result
             return result[2]
 
         return plan(self.config, self.batch_size, self.seq_len, self.accelerator, memory_fraction,

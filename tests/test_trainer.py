@@ -54,7 +54,9 @@ def test_every_mesh_matches_one_device(mesh):
     ref_losses, ref_params = train("data=1,fsdp=1,tensor=1")
     assert ref_losses[-1] < ref_losses[0] * 0.95  # it learns, so parameters moved
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), params, ref_params)
+    # Sums over other splits round differently; Adam's normalized update turns that into up to ~1.1e-5 on
+    # a parameter whose gradient is near zero (seen: 1 of 8192 elements at data=2,tensor=4, jax 0.10.2).
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-5), params, ref_params)
 
 
 @pytest.mark.parametrize("micro_batches", [2, 4])

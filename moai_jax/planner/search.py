@@ -21,8 +21,8 @@ from moai_jax.planner.explain import alternatives, gib, why_chosen
 from moai_jax.planner.memory import estimate_bytes
 from moai_jax.planner.plan import Plan
 from moai_jax.planner.time_model import estimate_seconds
-from moai_jax.planner.verify import Verified
 from moai_jax.planner.verify import verify as verify_plan
+from moai_jax.step import Verified
 
 MAX_VERIFIES = 3  # candidates compiled before giving up on verification
 SIMPLER_WITHIN = 0.02  # candidates this close to the fastest are ordered simplest first

@@ -1,0 +1,132 @@
+"""The plan's train step, built and compiled: what the Trainer runs and the planner verifies.
+
+It sits below both (the planner compiles what the Trainer will run; neither imports the other).
+`build_step` jits the train and eval steps with the plan's shardings and donated state;
+`compile_step` lowers and compiles the train step on abstract inputs, so nothing is allocated, and
+reads XLA's memory report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from moai_jax.models import attention as attention_lib
+from moai_jax.planner.plan import Plan
+from moai_jax.sharding.annotate import logical_sharding
+from moai_jax.sharding.mesh import make_mesh
+from moai_jax.sharding.rules import partition_spec, tree_shardings
+from moai_jax.train import BATCH_KEYS, LOSS_CHUNK, TrainState, eval_step, train_step
+
+
+def default_optimizer() -> optax.GradientTransformation:
+    from moai_jax.optimizer import adamw
+
+    return adamw(1e-5)
+
+
+@dataclasses.dataclass(frozen=True)
+class Verified:
+    bytes_per_device: int
+    backend: str  # e.g. "cpu (8 simulated devices, blockwise attention)"
+    seconds: float
+
+
+def layout(plan: Plan) -> tuple:
+    """What decides a plan's compiled step (estimates and explanations aside)."""
+    return (plan.mesh, plan.batch_size, plan.seq_len, plan.micro_batches, plan.remat, plan.loss, plan.compute_dtype,
+            plan.param_dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepParts:
+    """A plan's jitted train and eval steps over a mesh, and the shardings of what they take."""
+
+    graphdef: nnx.GraphDef
+    param_shardings: Any
+    state_shardings: TrainState
+    batch_sharding: NamedSharding
+    replicated: NamedSharding
+    abstract_state: TrainState  # ShapeDtypeStructs carrying the shardings: nothing allocated
+    abstract_rest: Any
+    step: Any
+    eval: Any
+
+
+def build_step(abstract: nnx.Module, optimizer: optax.GradientTransformation, plan: Plan, mesh) -> StepParts:
+    """The plan's train step for an abstract (or real) model, jitted with shardings and donated state.
+
+    Used by the Trainer to run and by the planner to verify (lowered on abstract inputs)."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    batch_sharding = NamedSharding(mesh, partition_spec(
+        ("batch", "length"), (plan.batch_size // plan.micro_batches, plan.seq_len), dict(mesh.shape)))
+    if hasattr(abstract, "remat"):
+        abstract.remat = plan.remat
+    graphdef, abstract_params, abstract_rest = nnx.split(abstract, nnx.Param, ...)
+    param_shapes = nnx.to_pure_dict(abstract_params)
+    logical = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
+    param_shardings = tree_shardings(logical, param_shapes, mesh)
+    opt_shapes = jax.eval_shape(optimizer.init, param_shapes)
+    opt_shardings = optax.tree_map_params(optimizer, lambda _, s: s, opt_shapes, param_shardings,
+                                          transform_non_params=lambda _: replicated)
+    state_shardings = TrainState(params=param_shardings, opt_state=opt_shardings, step=replicated)
+    shaped = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
+    abstract_state = jax.tree.map(shaped, TrainState(params=param_shapes, opt_state=opt_shapes,
+                                                     step=jax.ShapeDtypeStruct((), jnp.int32)), state_shardings)
+    abstract_rest = jax.tree.map(lambda x: shaped(x, replicated), nnx.to_pure_dict(abstract_rest))
+
+    def traced(fn):
+        """`fn` traced inside the mesh's logical sharding, so the model's constraints take effect."""
+        def run(first, batch, rest):
+            with logical_sharding(mesh):
+                return fn(first, batch, graphdef=graphdef, rest=rest)
+        return run
+
+    loss_chunk = LOSS_CHUNK if plan.loss == "chunked" else None
+    train = functools.partial(train_step, tx=optimizer, micro_batches=plan.micro_batches,
+                              loss_chunk=loss_chunk, grad_shardings=param_shardings)
+    evaluate = functools.partial(eval_step, loss_chunk=loss_chunk)
+    step = jax.jit(traced(train), in_shardings=(state_shardings, batch_sharding, replicated),
+                   out_shardings=(state_shardings, replicated), donate_argnums=0)
+    evaluation = jax.jit(traced(evaluate), in_shardings=(param_shardings, batch_sharding, replicated),
+                         out_shardings=replicated)
+    return StepParts(graphdef, param_shardings, state_shardings, batch_sharding, replicated, abstract_state,
+                     abstract_rest, step, evaluation)
+
+
+def compiled_bytes(compiled) -> int:
+    """Peak bytes per device of a compiled step (donated inputs counted once)."""
+    m = compiled.memory_analysis()
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+               - m.alias_size_in_bytes + m.generated_code_size_in_bytes)
+
+
+def compile_step(plan: Plan, model: nnx.Module, devices: Sequence[jax.Device],
+                 optimizer: optax.GradientTransformation | None = None, batch_keys: Sequence[str] = BATCH_KEYS):
+    """Lower and compile the plan's train step for `model` (abstract or real) on abstract inputs.
+
+    Returns the step's parts, the compiled executable (which runs the real state as well) and what
+    it measured."""
+    start = time.perf_counter()
+    mesh = make_mesh(plan.mesh, list(devices)[: plan.mesh.size])
+    parts = build_step(model, optimizer or default_optimizer(), plan, mesh)
+    spec = jax.ShapeDtypeStruct((plan.batch_size, plan.seq_len), jnp.int32, sharding=parts.batch_sharding)
+    compiled = parts.step.lower(parts.abstract_state, {k: spec for k in batch_keys}, parts.abstract_rest).compile()
+    device = mesh.devices.flat[0]
+    kernel = attention_lib.resolve(getattr(model, "attention", "auto"), jnp.dtype(plan.compute_dtype),
+                                   model.config.head_dim)
+    simulated = device.platform == "cpu" and plan.mesh.size > 1
+    where = f"{plan.mesh.size} simulated devices" if simulated else f"{plan.mesh.size} device(s)"
+    backend = f"{device.platform} ({where}, {kernel} attention)"
+    return parts, compiled, Verified(compiled_bytes(compiled), backend, time.perf_counter() - start)
+
+
