@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from moai_jax.data import Batches, ByteTokenizer, load_dataset, load_tokenizer_for
-from moai_jax.data_builtin import PATH as BUILTIN_PATH
-from moai_jax.data_builtin import builtin_examples, to_jsonl
+from moai_jax.data.builtin import PATH as BUILTIN_PATH
+from moai_jax.data.builtin import builtin_examples, to_jsonl
 from moai_jax.errors import DataError
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -1,8 +1,8 @@
 """The built-in data set: short instruction examples with one right answer that a tiny model learns fast.
 
 Tasks: reverse a word, write it in capitals, give its first letter, repeat it, sort its letters,
-count its letters, add two small numbers, name a country's capital. `python -m moai_jax.data_builtin`
-writes `moai_jax/default_data/tasks.jsonl`; a test checks that the shipped file matches.
+count its letters, add two small numbers, name a country's capital. `python -m moai_jax.data.builtin`
+writes `moai_jax/data/default_data/tasks.jsonl`; a test checks that the shipped file matches.
 """
 
 from __future__ import annotations

@@ -1,32 +1,4 @@
-"""Data sets in, tokenized and packed global batches out, resumable.
-
-    tokenizer = load_tokenizer_for("tiny")                    # a preset: the built-in byte tokenizer
-    data = load_dataset(None, tokenizer, block_size=512)     # None: the built-in data set
-    print(data.summary())                                     # rows, packing efficiency
-    for batch in Batches(data, batch_size=8, seed=0, epochs=3):
-        ...                                                   # numpy int32 arrays [8, 512]
-
-Public API:
-- `load_tokenizer_for(model_name_or_path)`: a Hugging Face model folder's own tokenizer
-  (`AutoTokenizer`, local files), or `ByteTokenizer` for a preset name (see `byte_tokenizer.py`).
-- `load_dataset(name_or_path, tokenizer, block_size, *, format=None, packing=True,
-  eval_fraction=0.05, seed=0, max_positions=None, vocab_size=None, cache_dir=None) -> TokenizedData`.
-  `name_or_path`: None for the built-in data set (`default_data/tasks.jsonl`); a `.jsonl`, `.json`,
-  `.parquet`, `.csv` or `.txt` file (text files: one document per paragraph); a folder of such files
-  or one written by `datasets.save_to_disk`; or a hub name, `owner/name[:config]`, when online.
-  Formats: see `data_formats.py`. A `validation` (or `test`) split is the eval split; without one,
-  `eval_fraction` of the documents, drawn with `seed`, is held out. Tokenizing shows a progress bar
-  and is cached by `datasets` (under `cache_dir`, default the `datasets` cache).
-- `Batches(data, batch_size, *, seed=0, epochs=1, split="train", process_index=0, process_count=1,
-  position=None)`: this process's slice of the global batches of a split, in a fixed order for the
-  seed; `.steps` (one pass per epoch), `.position` (plain state for a checkpoint; pass it back as
-  `position=` to continue with the next batch). See `data_batches.py`.
-
-A batch is a dict of int32 arrays [rows, block_size]: `input_ids`; `labels`, the token that should
-follow each input token, -100 where there is no loss (prompt, padding, the last token of a
-document); `segment_ids`, 1, 2, 3... per document in the row and 0 for padding; `positions`, from 0
-in each document.
-"""
+"""Reading a data set (file, folder or hub name), tokenizing it and splitting it into train and eval rows."""
 
 from __future__ import annotations
 
@@ -35,14 +7,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moai_jax.byte_tokenizer import ByteTokenizer, load_tokenizer_for
-from moai_jax.data_batches import Batches
-from moai_jax.data_builtin import PATH as BUILTIN_PATH
-from moai_jax.data_formats import Tokenize, detect_format
-from moai_jax.data_packing import Documents, Rows, make_rows
+from moai_jax.data.builtin import PATH as BUILTIN_PATH
+from moai_jax.data.formats import Tokenize, detect_format
+from moai_jax.data.packing import Documents, Rows, make_rows
 from moai_jax.errors import DataError
-
-__all__ = ["Batches", "ByteTokenizer", "TokenizedData", "load_dataset", "load_tokenizer_for"]
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 EVAL_SPLITS = ("validation", "valid", "test")
