@@ -3,7 +3,8 @@
 - "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")`, fused flash attention on NVIDIA GPUs.
 - "xla": `jax.nn.dot_product_attention(implementation="xla")` with a full `[length, length]` mask.
 - "blockwise": an online softmax over key/value blocks in a `jax.custom_vjp` that keeps only the
-  output and its log-sum-exp, so neither pass ever holds a whole `[length, length]` score matrix.
+  output and its log-sum-exp, so neither pass ever holds a whole `[length, length]` score matrix;
+  key blocks the causal mask hides from a whole query block are skipped, forward and backward.
   It is the default off NVIDIA GPUs, so a step compiled on CPU has the memory shape of the GPU step.
 - "auto": cuDNN where it can run (NVIDIA GPU, 16-bit compute, head_dim a multiple of 8 up to 128),
   blockwise elsewhere.
@@ -18,6 +19,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from moai_jax.errors import ModelConfigError
@@ -59,17 +61,22 @@ def attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, implementation: str, bl
 
 
 def blockwise_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, block_size: int = 128):
-    """Causal attention by blocks of `block_size` keys; lengths not divisible by it are padded."""
-    _, length, num_heads, head_dim = q_BTNH.shape
+    """Causal attention by blocks of `block_size` queries and keys; lengths not divisible by it are padded.
+
+    Only the pairs (query block i, key block j ≤ i) are computed: the blocks above the diagonal,
+    which the causal mask hides completely, are skipped forward and backward (about half the work
+    at long sequences)."""
+    batch, length, num_heads, head_dim = q_BTNH.shape
     num_kv_heads = k_BTKH.shape[2]
     block = min(block_size, length)
     padded = -(-length // block) * block
     pad = ((0, 0), (0, padded - length), (0, 0), (0, 0))
-    k_BSKH, v_BSKH = jnp.pad(k_BTKH, pad), jnp.pad(v_BTKH, pad)
-    key_segments_BS = jnp.pad(segment_ids_BT, ((0, 0), (0, padded - length)), constant_values=-1)
-    q_BKGTH = _grouped(q_BTNH, num_kv_heads)
-    out_BKGTH = _blockwise(q_BKGTH, k_BSKH, v_BSKH, segment_ids_BT, key_segments_BS, block, head_dim**-0.5)
-    return jnp.moveaxis(out_BKGTH, 3, 1).reshape(q_BTNH.shape[0], length, num_heads, head_dim)
+    q_BSNH, k_BSKH, v_BSKH = jnp.pad(q_BTNH, pad), jnp.pad(k_BTKH, pad), jnp.pad(v_BTKH, pad)
+    segments_BS = jnp.pad(segment_ids_BT, ((0, 0), (0, padded - length)), constant_values=-1)
+    q_BKGSH = _grouped(q_BSNH, num_kv_heads)
+    out_BKGSH = _blockwise(q_BKGSH, k_BSKH, v_BSKH, segments_BS, block, head_dim**-0.5)
+    out_BSNH = jnp.moveaxis(out_BKGSH, 3, 1).reshape(batch, padded, num_heads, head_dim)
+    return out_BSNH[:, :length]
 
 
 def _grouped(q_BTNH, num_kv_heads):
@@ -78,7 +85,7 @@ def _grouped(q_BTNH, num_kv_heads):
 
 
 def _blocks(x_BS, block):
-    """[B, S, ...] → [S/block, B, block, ...], the scan's leading axis."""
+    """[B, S, ...] → [S/block, B, block, ...]: block i is `x[i]`."""
     return jnp.moveaxis(x_BS.reshape(x_BS.shape[0], -1, block, *x_BS.shape[2:]), 1, 0)
 
 
@@ -87,76 +94,110 @@ def _unblocks(x_nBb):
     return x.reshape(x.shape[0], -1, *x.shape[3:])
 
 
-def _scores(q_BKGTH, k_BbKH, query_segments_BT, key_segments_Bb, start, scale):
-    """Scaled scores [B, K, G, T, b] of one key block, and where they are visible."""
-    s_BKGTb = jnp.einsum("bkgth,bskh->bkgts", q_BKGTH, k_BbKH, preferred_element_type=jnp.float32) * scale
-    query_index_T = jnp.arange(q_BKGTH.shape[3])
-    key_index_b = start + jnp.arange(k_BbKH.shape[1])
-    causal_Tb = query_index_T[:, None] >= key_index_b[None, :]
-    same_segment_BTb = query_segments_BT[:, :, None] == key_segments_Bb[:, None, :]
-    visible_B11Tb = (causal_Tb & same_segment_BTb)[:, None, None]
-    return s_BKGTb, visible_B11Tb
+def _query_blocks(x_BKGS, block):
+    """[B, K, G, S, ...] → [S/block, B, K, G, block, ...]."""
+    b, k, g, s = x_BKGS.shape[:4]
+    return jnp.moveaxis(x_BKGS.reshape(b, k, g, s // block, block, *x_BKGS.shape[4:]), 3, 0)
 
 
-def _forward(q_BKGTH, k_BSKH, v_BSKH, query_segments_BT, key_segments_BS, block, scale):
-    """Online softmax over key blocks → output [B, K, G, T, H] (q's dtype) and log-sum-exp [B, K, G, T]."""
-    b, k, g, t, h = q_BKGTH.shape
-
-    def step(carry, xs):
-        m_BKGT, l_BKGT, acc_BKGTH = carry
-        start, k_BbKH, v_BbKH, key_segments_Bb = xs
-        s_BKGTb, visible = _scores(q_BKGTH, k_BbKH, query_segments_BT, key_segments_Bb, start, scale)
-        s_BKGTb = jnp.where(visible, s_BKGTb, _MASKED)
-        m_new = jnp.maximum(m_BKGT, s_BKGTb.max(-1))
-        p_BKGTb = jnp.where(visible, jnp.exp(s_BKGTb - m_new[..., None]), 0.0)
-        alpha = jnp.exp(m_BKGT - m_new)
-        l_new = alpha * l_BKGT + p_BKGTb.sum(-1)
-        pv = jnp.einsum("bkgts,bskh->bkgth", p_BKGTb.astype(v_BbKH.dtype), v_BbKH, preferred_element_type=jnp.float32)
-        return (m_new, l_new, alpha[..., None] * acc_BKGTH + pv), None
-
-    starts = jnp.arange(0, k_BSKH.shape[1], block)
-    xs = (starts, _blocks(k_BSKH, block), _blocks(v_BSKH, block), _blocks(key_segments_BS, block))
-    init = (jnp.full((b, k, g, t), _MASKED, jnp.float32), jnp.zeros((b, k, g, t), jnp.float32),
-            jnp.zeros((b, k, g, t, h), jnp.float32))
-    (m_BKGT, l_BKGT, acc_BKGTH), _ = jax.lax.scan(step, init, xs)
-    out_BKGTH = (acc_BKGTH / l_BKGT[..., None]).astype(q_BKGTH.dtype)
-    return out_BKGTH, m_BKGT + jnp.log(l_BKGT)
+def _query_unblocks(x_nBKGb):
+    x = jnp.moveaxis(x_nBKGb, 0, 3)
+    return x.reshape(*x.shape[:3], -1, *x.shape[5:])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _blockwise(q_BKGTH, k_BSKH, v_BSKH, query_segments_BT, key_segments_BS, block, scale):
-    return _forward(q_BKGTH, k_BSKH, v_BSKH, query_segments_BT, key_segments_BS, block, scale)[0]
+def _visible_pairs(num_blocks):
+    """(query block, key block) for every key block at or before its query block, row by row."""
+    i, j = np.tril_indices(num_blocks)
+    return jnp.asarray(i, jnp.int32), jnp.asarray(j, jnp.int32)
 
 
-def _blockwise_fwd(q_BKGTH, k_BSKH, v_BSKH, query_segments_BT, key_segments_BS, block, scale):
-    out_BKGTH, lse_BKGT = _forward(q_BKGTH, k_BSKH, v_BSKH, query_segments_BT, key_segments_BS, block, scale)
-    out_BKGTH, lse_BKGT = checkpoint_name(out_BKGTH, "attention"), checkpoint_name(lse_BKGT, "attention_lse")
-    return out_BKGTH, (q_BKGTH, k_BSKH, v_BSKH, query_segments_BT, key_segments_BS, out_BKGTH, lse_BKGT)
+def _at(x_n, i):
+    return jax.lax.dynamic_index_in_dim(x_n, i, keepdims=False)
 
 
-def _blockwise_bwd(block, scale, residuals, dout_BKGTH):
-    q_BKGTH, k_BSKH, v_BSKH, query_segments_BT, key_segments_BS, out_BKGTH, lse_BKGT = residuals
-    dout_BKGTH = dout_BKGTH.astype(jnp.float32)
-    q32_BKGTH = q_BKGTH.astype(jnp.float32)
-    delta_BKGT = (dout_BKGTH * out_BKGTH.astype(jnp.float32)).sum(-1)
+def _put(x_n, value, i):
+    return jax.lax.dynamic_update_index_in_dim(x_n, value, i, 0)
 
-    def step(dq_BKGTH, xs):
-        start, k_BbKH, v_BbKH, key_segments_Bb = xs
-        k_BbKH, v_BbKH = k_BbKH.astype(jnp.float32), v_BbKH.astype(jnp.float32)
-        s_BKGTb, visible = _scores(q32_BKGTH, k_BbKH, query_segments_BT, key_segments_Bb, start, scale)
-        p_BKGTb = jnp.where(visible, jnp.exp(s_BKGTb - lse_BKGT[..., None]), 0.0)
-        dv_BbKH = jnp.einsum("bkgts,bkgth->bskh", p_BKGTb, dout_BKGTH)
-        dp_BKGTb = jnp.einsum("bkgth,bskh->bkgts", dout_BKGTH, v_BbKH)
-        ds_BKGTb = p_BKGTb * (dp_BKGTb - delta_BKGT[..., None]) * scale
-        dq_BKGTH = dq_BKGTH + jnp.einsum("bkgts,bskh->bkgth", ds_BKGTb, k_BbKH)
-        dk_BbKH = jnp.einsum("bkgts,bkgth->bskh", ds_BKGTb, q32_BKGTH)
-        return dq_BKGTH, (dk_BbKH, dv_BbKH)
 
-    starts = jnp.arange(0, k_BSKH.shape[1], block)
-    xs = (starts, _blocks(k_BSKH, block), _blocks(v_BSKH, block), _blocks(key_segments_BS, block))
-    dq_BKGTH, (dk, dv) = jax.lax.scan(step, jnp.zeros(q_BKGTH.shape, jnp.float32), xs)
-    return (dq_BKGTH.astype(q_BKGTH.dtype), _unblocks(dk).astype(k_BSKH.dtype), _unblocks(dv).astype(v_BSKH.dtype),
-            None, None)
+def _scores(q_BKGbH, k_BbKH, query_segments_Bb, key_segments_Bb, query_start, key_start, scale):
+    """Scaled scores [B, K, G, b, b] of one query block over one key block, and where they are visible."""
+    s_BKGqk = jnp.einsum("bkgqh,bskh->bkgqs", q_BKGbH, k_BbKH, preferred_element_type=jnp.float32) * scale
+    query_index_q = query_start + jnp.arange(q_BKGbH.shape[3])
+    key_index_k = key_start + jnp.arange(k_BbKH.shape[1])
+    causal_qk = query_index_q[:, None] >= key_index_k[None, :]
+    same_segment_Bqk = query_segments_Bb[:, :, None] == key_segments_Bb[:, None, :]
+    visible_B11qk = (causal_qk & same_segment_Bqk)[:, None, None]
+    return s_BKGqk, visible_B11qk
+
+
+def _forward(q_BKGSH, k_BSKH, v_BSKH, segments_BS, block, scale):
+    """Online softmax over the visible blocks → output [B, K, G, S, H] (q's dtype) and log-sum-exp [B, K, G, S]."""
+    q_nBKGbH, k_nBbKH, v_nBbKH = _query_blocks(q_BKGSH, block), _blocks(k_BSKH, block), _blocks(v_BSKH, block)
+    segments_nBb = _blocks(segments_BS, block)
+
+    def step(carry, pair):
+        m_nBKGb, l_nBKGb, acc_nBKGbH = carry
+        i, j = pair
+        v_BbKH = _at(v_nBbKH, j)
+        s_BKGqk, visible = _scores(_at(q_nBKGbH, i), _at(k_nBbKH, j), _at(segments_nBb, i), _at(segments_nBb, j),
+                                   i * block, j * block, scale)
+        s_BKGqk = jnp.where(visible, s_BKGqk, _MASKED)
+        m_BKGb = _at(m_nBKGb, i)
+        m_new = jnp.maximum(m_BKGb, s_BKGqk.max(-1))
+        p_BKGqk = jnp.where(visible, jnp.exp(s_BKGqk - m_new[..., None]), 0.0)
+        alpha = jnp.exp(m_BKGb - m_new)
+        l_new = alpha * _at(l_nBKGb, i) + p_BKGqk.sum(-1)
+        pv = jnp.einsum("bkgqs,bskh->bkgqh", p_BKGqk.astype(v_BbKH.dtype), v_BbKH, preferred_element_type=jnp.float32)
+        acc_new = alpha[..., None] * _at(acc_nBKGbH, i) + pv
+        return (_put(m_nBKGb, m_new, i), _put(l_nBKGb, l_new, i), _put(acc_nBKGbH, acc_new, i)), None
+
+    shape = q_nBKGbH.shape[:-1]
+    init = (jnp.full(shape, _MASKED, jnp.float32), jnp.zeros(shape, jnp.float32),
+            jnp.zeros(q_nBKGbH.shape, jnp.float32))
+    (m_nBKGb, l_nBKGb, acc_nBKGbH), _ = jax.lax.scan(step, init, _visible_pairs(q_nBKGbH.shape[0]))
+    out_BKGSH = _query_unblocks(acc_nBKGbH / l_nBKGb[..., None]).astype(q_BKGSH.dtype)
+    return out_BKGSH, _query_unblocks(m_nBKGb + jnp.log(l_nBKGb))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _blockwise(q_BKGSH, k_BSKH, v_BSKH, segments_BS, block, scale):
+    return _forward(q_BKGSH, k_BSKH, v_BSKH, segments_BS, block, scale)[0]
+
+
+def _blockwise_fwd(q_BKGSH, k_BSKH, v_BSKH, segments_BS, block, scale):
+    out_BKGSH, lse_BKGS = _forward(q_BKGSH, k_BSKH, v_BSKH, segments_BS, block, scale)
+    out_BKGSH, lse_BKGS = checkpoint_name(out_BKGSH, "attention"), checkpoint_name(lse_BKGS, "attention_lse")
+    return out_BKGSH, (q_BKGSH, k_BSKH, v_BSKH, segments_BS, out_BKGSH, lse_BKGS)
+
+
+def _blockwise_bwd(block, scale, residuals, dout_BKGSH):
+    q_BKGSH, k_BSKH, v_BSKH, segments_BS, out_BKGSH, lse_BKGS = residuals
+    dout_BKGSH = dout_BKGSH.astype(jnp.float32)
+    delta_BKGS = (dout_BKGSH * out_BKGSH.astype(jnp.float32)).sum(-1)
+    q_nBKGbH = _query_blocks(q_BKGSH.astype(jnp.float32), block)
+    k_nBbKH, v_nBbKH = _blocks(k_BSKH.astype(jnp.float32), block), _blocks(v_BSKH.astype(jnp.float32), block)
+    dout_nBKGbH, lse_nBKGb, delta_nBKGb = (_query_blocks(x, block) for x in (dout_BKGSH, lse_BKGS, delta_BKGS))
+    segments_nBb = _blocks(segments_BS, block)
+
+    def step(carry, pair):
+        dq_nBKGbH, dk_nBbKH, dv_nBbKH = carry
+        i, j = pair
+        q_BKGbH, k_BbKH, v_BbKH, dout_BKGbH = _at(q_nBKGbH, i), _at(k_nBbKH, j), _at(v_nBbKH, j), _at(dout_nBKGbH, i)
+        s_BKGqk, visible = _scores(q_BKGbH, k_BbKH, _at(segments_nBb, i), _at(segments_nBb, j), i * block,
+                                   j * block, scale)
+        p_BKGqk = jnp.where(visible, jnp.exp(s_BKGqk - _at(lse_nBKGb, i)[..., None]), 0.0)
+        dv_BbKH = jnp.einsum("bkgqs,bkgqh->bskh", p_BKGqk, dout_BKGbH)
+        dp_BKGqk = jnp.einsum("bkgqh,bskh->bkgqs", dout_BKGbH, v_BbKH)
+        ds_BKGqk = p_BKGqk * (dp_BKGqk - _at(delta_nBKGb, i)[..., None]) * scale
+        dq_BKGbH = jnp.einsum("bkgqs,bskh->bkgqh", ds_BKGqk, k_BbKH)
+        dk_BbKH = jnp.einsum("bkgqs,bkgqh->bskh", ds_BKGqk, q_BKGbH)
+        return (_put(dq_nBKGbH, _at(dq_nBKGbH, i) + dq_BKGbH, i), _put(dk_nBbKH, _at(dk_nBbKH, j) + dk_BbKH, j),
+                _put(dv_nBbKH, _at(dv_nBbKH, j) + dv_BbKH, j)), None
+
+    init = (jnp.zeros_like(q_nBKGbH), jnp.zeros_like(k_nBbKH), jnp.zeros_like(v_nBbKH))
+    (dq_nBKGbH, dk_nBbKH, dv_nBbKH), _ = jax.lax.scan(step, init, _visible_pairs(q_nBKGbH.shape[0]))
+    return (_query_unblocks(dq_nBKGbH).astype(q_BKGSH.dtype), _unblocks(dk_nBbKH).astype(k_BSKH.dtype),
+            _unblocks(dv_nBbKH).astype(v_BSKH.dtype), None)
 
 
 _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)

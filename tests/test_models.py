@@ -80,8 +80,21 @@ def test_blockwise_never_holds_length_by_length_scores():
     q, k, v = random_qkv(length, batch=1)
     segments = jnp.zeros((1, length), jnp.int32)
     grad = jax.grad(lambda q, k, v: blockwise_attention(q, k, v, segments, block_size=32).sum(), (0, 1, 2))
-    shapes = list(_shapes_in(jax.make_jaxpr(grad)(q, k, v).jaxpr))
+    jaxpr = jax.make_jaxpr(grad)(q, k, v).jaxpr
+    shapes = list(_shapes_in(jaxpr))
     assert shapes and not [s for s in shapes if list(s).count(length) >= 2]
+    blocks = length // 32  # forward and backward visit only the blocks on or below the diagonal
+    assert sorted(_scan_lengths(jaxpr)) == [blocks * (blocks + 1) // 2] * 2
+
+
+def _scan_lengths(jaxpr):
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "scan":
+            yield eqn.params["length"]
+        for param in eqn.params.values():
+            inner = getattr(param, "jaxpr", param)
+            if isinstance(inner, jax.extend.core.Jaxpr):
+                yield from _scan_lengths(inner)
 
 
 @pytest.mark.parametrize("implementation", ["xla", "blockwise"])
