@@ -20,6 +20,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from moai_jax.errors import FlavorError
 from moai_jax.models import attention as attention_lib
 from moai_jax.planner.plan import Plan
 from moai_jax.sharding.annotate import logical_sharding
@@ -62,6 +63,20 @@ class StepParts:
     eval: Any
 
 
+def pipeline_micro_batches(model: nnx.Module, plan: Plan) -> int:
+    """Hand the plan's pipeline to the model; the micro-batches left for the train step to accumulate.
+
+    Under a pipeline (stage > 1) the micro-batches flow through the model's stages in one pass, so
+    the train step accumulates none of its own."""
+    if hasattr(model, "pipeline_stages"):
+        model.pipeline_stages = plan.mesh.stage
+        model.pipeline_micro_batches = plan.micro_batches if plan.mesh.stage > 1 else 1
+    elif plan.mesh.stage > 1:
+        raise FlavorError(f"mesh {plan.mesh} has pipeline stages, which only moai_jax's own models support "
+                          f"(a model with stacked layers); use stage=1")
+    return 1 if plan.mesh.stage > 1 else plan.micro_batches
+
+
 def build_step(abstract: nnx.Module, optimizer: optax.GradientTransformation, plan: Plan, mesh) -> StepParts:
     """The plan's train step for an abstract (or real) model, jitted with shardings and donated state.
 
@@ -71,6 +86,7 @@ def build_step(abstract: nnx.Module, optimizer: optax.GradientTransformation, pl
         ("batch", "length"), (plan.batch_size // plan.micro_batches, plan.seq_len), dict(mesh.shape)))
     if hasattr(abstract, "remat"):
         abstract.remat = plan.remat
+    accumulate = pipeline_micro_batches(abstract, plan)
     graphdef, abstract_params, abstract_rest = nnx.split(abstract, nnx.Param, ...)
     param_shapes = nnx.to_pure_dict(abstract_params)
     logical = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
@@ -92,7 +108,7 @@ def build_step(abstract: nnx.Module, optimizer: optax.GradientTransformation, pl
         return run
 
     loss_chunk = LOSS_CHUNK if plan.loss == "chunked" else None
-    train = functools.partial(train_step, tx=optimizer, micro_batches=plan.micro_batches,
+    train = functools.partial(train_step, tx=optimizer, micro_batches=accumulate,
                               loss_chunk=loss_chunk, grad_shardings=param_shardings)
     evaluate = functools.partial(eval_step, loss_chunk=loss_chunk)
     step = jax.jit(traced(train), in_shardings=(state_shardings, batch_sharding, replicated),

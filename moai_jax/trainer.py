@@ -54,7 +54,8 @@ class Trainer:
                                             verified)
         check_mesh(self.plan.mesh, accelerator.flavor, batch_size=batch_size, micro_batches=self.plan.micro_batches,
                    num_heads=getattr(self.config, "num_heads", None),
-                   num_kv_heads=getattr(self.config, "num_kv_heads", None))
+                   num_kv_heads=getattr(self.config, "num_kv_heads", None),
+                   num_layers=getattr(self.config, "num_layers", None))
         self.mesh = make_mesh(self.plan.mesh, accelerator.devices)
         if layout(self.plan) in verified:  # the planner compiled this very step: run that executable
             parts, compiled, measured = verified[layout(self.plan)]
@@ -68,12 +69,13 @@ class Trainer:
         self.state, self._rest = self._init_state(model, optimizer, params)
 
     def _auto_plan(self, abstract, optimizer, mesh, micro_batches, remat, memory_fraction, verified) -> Plan:
-        """The planner's choice with the user's fixed knobs honored (a mesh string fixes all three axes).
+        """The planner's choice with the user's fixed knobs honored (a mesh string fixes all four axes).
         The planner verifies candidates with this model and optimizer; their compiles land in `verified`."""
         from moai_jax.planner import plan
 
         shape = MeshShape.parse(mesh) if isinstance(mesh, str) else mesh
-        axes = {} if shape is None else {"data": shape.data, "fsdp": shape.fsdp, "tensor": shape.tensor}
+        axes = {} if shape is None else {"stage": shape.stage, "data": shape.data, "fsdp": shape.fsdp,
+                                         "tensor": shape.tensor}
         dtype = jnp.dtype(getattr(abstract, "dtype", jnp.float32)).name
         if self.config is None:  # not a moai_jax model: nothing to plan from, shard everything (ZeRO-3)
             shape = shape or default_mesh_shape(self.accelerator.flavor)

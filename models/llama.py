@@ -19,6 +19,7 @@ from jax.ad_checkpoint import checkpoint_name
 from moai_jax.errors import ModelConfigError
 from moai_jax.models import attention as attention_lib
 from moai_jax.models.config import ModelConfig
+from moai_jax.models.pipeline import pipelined_layers
 from moai_jax.sharding.annotate import constrain
 
 REMAT_POLICIES = ("none", "matmuls", "full")
@@ -155,7 +156,8 @@ class Decoder(nnx.Module):
 
     `dtype` is the compute dtype, `param_dtype` the storage dtype. `remat` ("none", "matmuls",
     "full") and `attention` ("auto", "xla", "cudnn", "blockwise") are plain attributes that may be
-    changed before the model is split and jitted.
+    changed before the model is split and jitted; so are `pipeline_stages` and
+    `pipeline_micro_batches` (the step builder sets them from the plan: see models/pipeline.py).
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
@@ -164,6 +166,7 @@ class Decoder(nnx.Module):
         _check_choice("attention", attention, attention_lib.IMPLEMENTATIONS)
         self.config, self.dtype, self.param_dtype = config, dtype, param_dtype
         self.remat, self.attention = remat, attention
+        self.pipeline_stages, self.pipeline_micro_batches = 1, 1
         self.embedding = _param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), param_dtype)
         self.layers = _stacked_blocks(config, rngs, dtype, param_dtype)
         self.final_norm = RMSNorm(config, dtype=dtype, param_dtype=param_dtype)
@@ -195,15 +198,20 @@ class Decoder(nnx.Module):
         x_BTE = constrain(x_BTE, ("batch", "length", "embed"))
         graphdef, layer_state = nnx.split(self.layers)
 
-        def layer(x_BTE, state):
-            return nnx.merge(graphdef, state)(x_BTE, cos_BTH, sin_BTH, segment_ids, implementation)
+        def layer(x_BTE, state, cos_BTH, sin_BTH, segment_ids_BT):
+            return nnx.merge(graphdef, state)(x_BTE, cos_BTH, sin_BTH, segment_ids_BT, implementation)
 
         if self.remat == "matmuls":
             layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.save_only_these_names(*MATMUL_NAMES),
                                    prevent_cse=False)
         elif self.remat == "full":
             layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
-        x_BTE, _ = jax.lax.scan(lambda x, state: (layer(x, state), None), x_BTE, layer_state)
+        if self.pipeline_stages > 1:
+            x_BTE = pipelined_layers(layer, layer_state, x_BTE, (cos_BTH, sin_BTH, segment_ids),
+                                     stages=self.pipeline_stages, micro_batches=self.pipeline_micro_batches)
+        else:
+            x_BTE, _ = jax.lax.scan(lambda x, state: (layer(x, state, cos_BTH, sin_BTH, segment_ids), None), x_BTE,
+                                    layer_state)
         return self.final_norm(x_BTE)
 
     def logits(self, hidden_BTE):

@@ -39,3 +39,13 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     mesh, rules = active
     spec = partition_spec(names, x.shape, dict(mesh.shape), rules)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def mesh_axis(name: str, size: int) -> str | tuple[str, ...] | None:
+    """The mesh axis (or axes) that a dimension of `size` named `name` is split over in the active
+    logical sharding; None outside one or when it is not split."""
+    active = _ACTIVE.get()
+    if active is None:
+        return None
+    mesh, rules = active
+    return partition_spec((name,), (size,), dict(mesh.shape), rules)[0]

@@ -1,8 +1,9 @@
-"""A mesh shape (data × fsdp × tensor) → a `jax.sharding.Mesh` over the accelerator's devices.
+"""A mesh shape (stage × data × fsdp × tensor) → a `jax.sharding.Mesh` over the accelerator's devices.
 
 Devices are laid out with `tensor` innermost, so tensor-parallel groups are neighbours inside one
-host (the fastest links) while `data` and `fsdp` span hosts. All axes are `AxisType.Auto`: XLA's
-SPMD partitioner propagates shardings from parameters and constraints.
+host (the fastest links), and `stage` outermost, so pipeline stages are what crosses hosts first
+(they pass only activations between them). All axes are `AxisType.Auto`: XLA's SPMD partitioner
+propagates shardings from parameters and constraints.
 """
 
 from __future__ import annotations
@@ -16,20 +17,22 @@ from jax.sharding import AxisType, Mesh
 
 from moai_jax.errors import FlavorError
 
-AXES = ("data", "fsdp", "tensor")
+AXES = ("stage", "data", "fsdp", "tensor")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class MeshShape:
-    """How many devices along each mesh axis: replicas, parameter shards, tensor-parallel ranks."""
+    """How many devices along each mesh axis: pipeline stages, replicas, parameter shards, tensor-parallel
+    ranks. Keyword-only: `MeshShape(fsdp=8)`."""
 
+    stage: int = 1
     data: int = 1
     fsdp: int = 1
     tensor: int = 1
 
     @property
     def size(self) -> int:
-        return self.data * self.fsdp * self.tensor
+        return self.stage * self.data * self.fsdp * self.tensor
 
     @property
     def batch_shards(self) -> int:
@@ -37,27 +40,32 @@ class MeshShape:
         return self.data * self.fsdp
 
     def __str__(self) -> str:
-        return f"data={self.data},fsdp={self.fsdp},tensor={self.tensor}"
+        stage = f"stage={self.stage}," if self.stage > 1 else ""
+        return f"{stage}data={self.data},fsdp={self.fsdp},tensor={self.tensor}"
 
     @classmethod
     def parse(cls, text: str) -> MeshShape:
-        """`"data=2,fsdp=2,tensor=2"` (axes left out are 1) → MeshShape."""
+        """`"stage=2,data=2,fsdp=2,tensor=2"` (axes left out are 1) → MeshShape."""
         sizes = {}
         for part in filter(None, (p.strip() for p in text.split(","))):
             name, _, value = part.partition("=")
             name = name.strip()
             if name not in AXES or not value.strip().isdigit() or int(value) < 1:
-                raise FlavorError(f"mesh {text!r}: write it as data=D,fsdp=F,tensor=T with whole numbers >= 1")
+                raise FlavorError(f"mesh {text!r}: write it as stage=S,data=D,fsdp=F,tensor=T with whole numbers >= 1 "
+                                 f"(axes left out are 1)")
             sizes[name] = int(value)
         return cls(**sizes)
 
 
 def check_mesh(shape: MeshShape, flavor: int, *, batch_size: int | None = None, num_heads: int | None = None,
-               num_kv_heads: int | None = None, micro_batches: int = 1) -> None:
+               num_kv_heads: int | None = None, micro_batches: int = 1, num_layers: int | None = None) -> None:
     """Raise a FlavorError saying what to change if this mesh cannot run on `flavor` devices."""
     if shape.size != flavor:
         raise FlavorError(f"mesh {shape} has {shape.size} devices but the flavor has {flavor}; "
-                          f"make data × fsdp × tensor = {flavor}")
+                          f"make stage × data × fsdp × tensor = {flavor}")
+    if num_layers is not None and num_layers % shape.stage:
+        raise FlavorError(f"stage={shape.stage} does not divide the model's {num_layers} layers; "
+                          f"choose stage from {divisors(num_layers)}")
     for heads, what in ((num_heads, "attention heads"), (num_kv_heads, "key/value heads")):
         if heads is not None and heads % shape.tensor:
             raise FlavorError(f"tensor={shape.tensor} does not divide the model's {heads} {what}; "
@@ -77,7 +85,7 @@ def make_mesh(shape: MeshShape, devices: Sequence[jax.Device]) -> Mesh:
     """The mesh over `devices` (ordered by host), tensor innermost so it stays inside a host."""
     if len(devices) != shape.size:
         raise FlavorError(f"mesh {shape} needs {shape.size} devices, got {len(devices)}")
-    grid = np.asarray(devices, dtype=object).reshape(shape.data, shape.fsdp, shape.tensor)
+    grid = np.asarray(devices, dtype=object).reshape(shape.stage, shape.data, shape.fsdp, shape.tensor)
     return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
 
 

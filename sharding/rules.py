@@ -3,7 +3,7 @@
 Model code names its dimensions with the logical vocabulary below and never a mesh axis. One table
 maps each logical name to the mesh axes it may be split over. Walking a tensor's names left to
 right, a mesh axis is used at most once, so `batch` takes `data` and `fsdp` for activations while a
-parameter's `embed` takes `fsdp`. An axis of size 1, or one that does not divide the dimension,
+parameter's `embed` takes `fsdp`; stacked layers split over `stage` into the pipeline's stages. An axis of size 1, or one that does not divide the dimension,
 is left out, so the table holds for every mesh.
 """
 
@@ -16,7 +16,7 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
 LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers")
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("stage", "data", "fsdp", "tensor")
 
 DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "batch": ("data", "fsdp"),
@@ -26,8 +26,8 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "kv_heads": ("tensor",),
     "head_dim": (),
     "mlp": ("tensor",),
-    "vocab": ("tensor",),
-    "layers": (),
+    "vocab": ("tensor", "stage"),  # under a pipeline, each stage holds and computes a slice of the head
+    "layers": ("stage",),  # pipeline stages hold consecutive groups of layers
 }
 
 

@@ -1,0 +1,86 @@
+"""Pipeline parallelism (GPipe) inside one jitted step: stacked layers as stages, micro-batches flowing.
+
+The layers, stacked along their leading `layers` axis, are split into `stages` consecutive groups:
+[layers, ...] → [stages, layers / stages, ...], the stage axis keeping the `layers` axis's sharding
+(over the mesh's `stage` axis). The batch is split into micro-batches (micro-batch m takes rows m,
+m + M, ..., as the train step's gradient accumulation does, so every device keeps its rows). One
+`lax.scan` runs micro_batches + stages − 1 ticks; each tick runs every stage at once on the
+micro-batch it holds (a `vmap` whose mapped axis is the mesh's stage axis) and shifts the outputs one
+stage on (`jnp.roll`, which XLA turns into a collective-permute). Stage 0 takes micro-batch t at tick
+t; the last stage finishes micro-batch t − (stages − 1). Backward is autodiff of the scan.
+
+The result is the same function of the same parameters as the plain layer scan: only the order of
+the work changes. Nothing here names a mesh: the stage axis is whatever the active logical sharding
+maps `layers` to (none outside a sharded step, where the stages simply run one after another).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from moai_jax.errors import ModelConfigError
+from moai_jax.sharding.annotate import constrain, mesh_axis
+
+
+def check_pipeline(num_layers: int, batch: int, stages: int, micro_batches: int) -> None:
+    """A ModelConfigError saying what to change when the layers or the batch cannot be split so."""
+    if stages < 1 or num_layers % stages:
+        raise ModelConfigError(f"{stages} pipeline stages do not divide the model's {num_layers} layers; "
+                               f"choose stages that divide {num_layers}")
+    if micro_batches < 1 or batch % micro_batches:
+        raise ModelConfigError(f"{micro_batches} micro-batches do not divide the batch of {batch} rows; "
+                               f"choose micro-batches that divide {batch}")
+
+
+def split_micro_batches(x, micro_batches: int):
+    """[B, ...] → [M, B/M, ...], micro-batch m taking rows m, m + M, ... (every device keeps its rows)."""
+    return x.reshape(x.shape[0] // micro_batches, micro_batches, *x.shape[1:]).swapaxes(0, 1)
+
+
+def merge_micro_batches(x):
+    """The inverse of split_micro_batches: [M, B/M, ...] → [B, ...]."""
+    return x.swapaxes(0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def pipelined_layers(layer: Callable[..., jax.Array], layer_state: Any, x_BTE: jax.Array, extras: tuple, *,
+                     stages: int, micro_batches: int) -> jax.Array:
+    """`layer(x, state, *extras)` applied for every layer of `layer_state` (stacked along axis 0), as a
+    pipeline of `stages` stages over `micro_batches` micro-batches. `extras` are per-row inputs
+    ([B, ...] arrays or None, e.g. rotary tables and segment ids) that go with each micro-batch."""
+    num_layers = jax.tree.leaves(layer_state)[0].shape[0]
+    check_pipeline(num_layers, x_BTE.shape[0], stages, micro_batches)
+    S, M = stages, micro_batches
+
+    # [layers, ...] → [stages, layers / stages, ...]: the stage axis keeps the layers' sharding over `stage`
+    stage_state = jax.tree.map(lambda w: w.reshape(S, num_layers // S, *w.shape[1:]), layer_state)
+    inputs_MBTE = split_micro_batches(x_BTE, M)
+    extras_M = jax.tree.map(lambda a: split_micro_batches(a, M), extras)
+
+    def on_stages(a):  # the leading axis of a per-stage array lies along the stage mesh axis
+        return constrain(a, ("layers",) + ("batch", "length") + (None,) * (a.ndim - 3))
+
+    def run_stage(state, x_BTE, extras):
+        y_BTE, _ = jax.lax.scan(lambda x, st: (layer(x, st, *extras), None), x_BTE, state)
+        return y_BTE
+
+    all_stages = jax.vmap(run_stage, spmd_axis_name=mesh_axis("layers", S))
+
+    def tick(carry, t):
+        held_SBTE, outputs_MBTE = carry
+        # Stage 0 takes micro-batch t (past the last one it repeats it: those results are never kept).
+        held_SBTE = on_stages(held_SBTE.at[0].set(inputs_MBTE[jnp.minimum(t, M - 1)]))
+        which_S = jnp.clip(t - jnp.arange(S), 0, M - 1)  # the micro-batch each stage holds
+        extras_S = jax.tree.map(lambda a: on_stages(a[which_S]), extras_M)
+        y_SBTE = on_stages(all_stages(stage_state, held_SBTE, extras_S))
+        # The last stage's output is micro-batch t − (S − 1); before it is real, index 0 is overwritten later.
+        outputs_MBTE = jax.lax.dynamic_update_index_in_dim(outputs_MBTE, y_SBTE[S - 1], jnp.maximum(t - (S - 1), 0),
+                                                           0)
+        return (jnp.roll(y_SBTE, 1, axis=0), outputs_MBTE), None
+
+    held_SBTE = on_stages(jnp.zeros((S, *inputs_MBTE.shape[1:]), x_BTE.dtype))
+    (_, outputs_MBTE), _ = jax.lax.scan(tick, (held_SBTE, jnp.zeros_like(inputs_MBTE)), jnp.arange(M + S - 1))
+    return merge_micro_batches(outputs_MBTE)
