@@ -44,8 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="write the trained model here in Hugging Face format (config.json + safetensors)")
     p.add_argument("--seed", type=int, default=0, help="random seed for weights and data order (default 0)")
     p.add_argument("--mesh", default=None,
-                   help="fix the device mesh, e.g. data=2,fsdp=2,tensor=2 (product = flavor; default: automatic, "
-                        "chosen by the planner)")
+                   help="fix the device mesh, e.g. data=2,fsdp=2,tensor=2 or stage=4,fsdp=2 (product = flavor; "
+                        "default: automatic, chosen by the planner)")
     p.add_argument("--hardware", default=None,
                    help="hardware profile to plan for: h100, h200, a100-80gb, a100-40gb, mi250, mi300x, tpu-v5e, "
                         "tpu-v5p, cpu (default: detected from the devices)")

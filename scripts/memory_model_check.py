@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-# (model, flavor, data, fsdp, tensor, batch, seq, micro_batches, remat, loss, compute dtype)
+# (model, flavor, data, fsdp, tensor, batch, seq, micro_batches, remat, loss, compute dtype[, pipeline stages])
 CASES = [
     ("tiny", 1, 1, 1, 1, 8, 128, 1, "none", "whole", "float32"),
     ("tiny", 8, 8, 1, 1, 16, 128, 1, "none", "whole", "float32"),
@@ -37,6 +37,12 @@ CASES = [
     ("llama3-8b", 16, 1, 8, 2, 512, 1024, 16, "matmuls", "chunked", "bfloat16"),
     ("llama3-70b", 64, 1, 64, 1, 512, 1024, 4, "full", "chunked", "bfloat16"),
     ("llama3-70b", 64, 1, 8, 8, 512, 1024, 8, "full", "chunked", "bfloat16"),
+    # pipelined
+    ("small", 4, 1, 1, 1, 16, 512, 4, "none", "whole", "float32", 4),
+    ("small", 8, 2, 1, 2, 32, 512, 4, "matmuls", "whole", "float32", 2),
+    ("medium", 8, 1, 2, 1, 16, 1024, 8, "full", "chunked", "bfloat16", 4),
+    ("medium", 16, 1, 4, 2, 32, 1024, 4, "full", "chunked", "bfloat16", 2),
+    ("llama3-8b", 16, 1, 2, 1, 64, 1024, 16, "full", "chunked", "bfloat16", 8),
 ]
 
 
@@ -70,20 +76,20 @@ def main(argv=None) -> int:
     from moai_jax.planner.verify import verify
     from moai_jax.sharding.mesh import MeshShape
 
-    print(f"{'#':>2} {'model':<10} {'fl':>3} {'mesh d/f/t':>10} {'batch':>5} {'seq':>5} {'mb':>3} {'remat':<7} "
+    print(f"{'#':>2} {'model':<10} {'fl':>3} {'mesh s/d/f/t':>12} {'batch':>5} {'seq':>5} {'mb':>3} {'remat':<7} "
           f"{'loss':<7} {'dtype':<8} {'estimated':>11} {'compiled':>11} {'error':>7}")
     worst = 0.0
     for i in chosen:
-        name, flavor, d, f, t, batch, seq, mb, remat, loss, dtype = CASES[i]
+        name, flavor, d, f, t, batch, seq, mb, remat, loss, dtype, *stages = CASES[i]
         config = model_config(name)
-        mesh = MeshShape(d, f, t)
+        mesh = MeshShape(stage=stages[0] if stages else 1, data=d, fsdp=f, tensor=t)
         plan = Plan(flavor=flavor, hardware="cpu", mesh=mesh, batch_size=batch, seq_len=seq, micro_batches=mb,
                     remat=remat, loss=loss, compute_dtype=dtype)
         est = estimate_bytes(config, batch, seq, mesh, micro_batches=mb, remat=remat, loss=loss)
         got = verify(plan, config, jax.devices()).bytes_per_device
         err = est["total"] / got - 1
         worst = max(worst, abs(err))
-        print(f"{i:>2} {name:<10} {flavor:>3} {f'{d}/{f}/{t}':>10} {batch:>5} {seq:>5} {mb:>3} {remat:<7} {loss:<7} "
+        print(f"{i:>2} {name:<10} {flavor:>3} {f'{mesh.stage}/{d}/{f}/{t}':>12} {batch:>5} {seq:>5} {mb:>3} {remat:<7} {loss:<7} "
               f"{dtype:<8} {est['total'] / 2**20:>9.1f}Mi {got / 2**20:>9.1f}Mi {err:>+7.1%}", flush=True)
         if getattr(args, "terms", False):
             print("   ", {k: round(v / 2**20, 1) for k, v in est.items()})

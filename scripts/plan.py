@@ -2,6 +2,7 @@
 
     python scripts/plan.py --model llama3-70b --flavor 64 --batch-size 512 --block-size 1024 --hardware h100
     python scripts/plan.py --model llama3-8b --flavor 16 --batch-size 512 --hardware mi250 --json
+    python scripts/plan.py --model llama3-70b --flavor 64 --batch-size 512 --hardware mi250 --mesh stage=8
 
 Runs on a CPU-only machine: a flavor larger than the machine is planned on simulated devices.
 """
@@ -24,8 +25,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device-memory", default=None, help="override the device memory, e.g. 64GB or 300MB")
     p.add_argument("--devices-per-host", type=int, default=None, help="override devices per host")
     p.add_argument("--memory-fraction", type=float, default=0.8, help="share of device memory a plan may use")
-    p.add_argument("--mesh", default=None, help="fix mesh axes, e.g. fsdp=16 or data=2,fsdp=4,tensor=2 "
-                                                "(default: automatic)")
+    p.add_argument("--mesh", default=None, help="fix mesh axes, e.g. fsdp=16, data=2,fsdp=4,tensor=2 or "
+                                                "stage=4,fsdp=2 (default: automatic)")
     p.add_argument("--micro-batches", type=int, default=None, help="fix the micro-batches (default: automatic)")
     p.add_argument("--remat", default=None, help="fix remat: none, matmuls, full (default: automatic)")
     p.add_argument("--loss", default=None, help="fix the loss: whole or chunked (default: automatic)")
@@ -58,7 +59,7 @@ def run(args) -> int:
     if args.mesh:
         given = {part.split("=")[0].strip() for part in args.mesh.split(",") if part.strip()}
         shape = MeshShape.parse(args.mesh)
-        axes = {a: getattr(shape, a) for a in ("data", "fsdp", "tensor") if a in given}
+        axes = {a: getattr(shape, a) for a in ("stage", "data", "fsdp", "tensor") if a in given}
     result = plan(config, args.batch_size, args.block_size, acc, args.memory_fraction, verify=not args.no_verify,
                   micro_batches=args.micro_batches, remat=args.remat, loss=args.loss, compute_dtype=args.dtype,
                   **axes)

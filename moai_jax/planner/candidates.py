@@ -1,8 +1,9 @@
 """Candidates: every way to lay one step over the flavor, honoring the knobs the user fixed.
 
-data × fsdp × tensor = flavor (tensor inside one host and dividing the key/value heads), × remat
-(none / matmuls / full), × micro-batches (dividing the batch so every micro-batch splits evenly
-over data × fsdp), × loss (whole logits, or chunked over the sequence).
+stage × data × fsdp × tensor = flavor (stages dividing the layers; tensor inside one host and
+dividing the key/value heads), × remat (none / matmuls / full), × micro-batches (dividing the batch
+so every micro-batch splits evenly over data × fsdp; at least one per stage under a pipeline),
+× loss (whole logits, or chunked over the sequence).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from moai_jax.errors import FlavorError
 from moai_jax.models import ModelConfig
 from moai_jax.models.llama import REMAT_POLICIES
 from moai_jax.planner.plan import LOSS_MODES
+from moai_jax.sharding.mesh import AXES as MESH_AXES
 from moai_jax.sharding.mesh import MeshShape, divisors
 from moai_jax.train import LOSS_CHUNK
 
@@ -28,6 +30,7 @@ class Fixed:
     micro_batches: int | None = None
     remat: str | None = None
     loss: str | None = None
+    stage: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +44,7 @@ class Candidate:
     def key(self) -> tuple:
         """A total order, so ties are broken the same way every time."""
         m = self.mesh
-        return (m.data, m.fsdp, m.tensor, self.micro_batches, self.remat, self.loss)
+        return (m.stage, m.data, m.fsdp, m.tensor, self.micro_batches, self.remat, self.loss)
 
     def describe(self) -> str:
         return f"mesh {self.mesh}, {self.micro_batches} micro-batch(es), remat {self.remat}, loss {self.loss}"
@@ -50,7 +53,7 @@ class Candidate:
 def check_fixed(fixed: Fixed, flavor: int, config: ModelConfig, batch_size: int, seq_len: int,
                 devices_per_host: int) -> None:
     """A FlavorError naming the knob to change when the fixed knobs cannot work together."""
-    for name in ("data", "fsdp", "tensor", "micro_batches"):
+    for name in ("stage", "data", "fsdp", "tensor", "micro_batches"):
         value = getattr(fixed, name)
         if value is not None and (not isinstance(value, int) or value < 1):
             raise FlavorError(f"{name}={value!r}: give a whole number >= 1, or leave it automatic")
@@ -58,15 +61,19 @@ def check_fixed(fixed: Fixed, flavor: int, config: ModelConfig, batch_size: int,
         raise FlavorError(f"remat={fixed.remat!r}: choose one of {', '.join(REMAT_POLICIES)}")
     if fixed.loss is not None and fixed.loss not in LOSS_MODES:
         raise FlavorError(f"loss={fixed.loss!r}: choose one of {', '.join(LOSS_MODES)}")
-    axes = {k: getattr(fixed, k) for k in ("data", "fsdp", "tensor") if getattr(fixed, k) is not None}
+    axes = {k: getattr(fixed, k) for k in MESH_AXES if getattr(fixed, k) is not None}
     product = 1
     for v in axes.values():
         product *= v
-    if flavor % product or (len(axes) == 3 and product != flavor):
+    every = len(axes) == len(MESH_AXES)
+    if flavor % product or (every and product != flavor):
         shown = " × ".join(f"{k}={v}" for k, v in axes.items())
         raise FlavorError(f"fixed mesh axes {shown} = {product} devices do not "
-                          f"{'make' if len(axes) == 3 else 'divide'} the flavor's {flavor}; "
-                          f"choose axes whose product {'is' if len(axes) == 3 else 'divides'} {flavor}")
+                          f"{'make' if every else 'divide'} the flavor's {flavor}; "
+                          f"choose axes whose product {'is' if every else 'divides'} {flavor}")
+    if fixed.stage is not None and config.num_layers % fixed.stage:
+        raise FlavorError(f"stage={fixed.stage} does not divide the model's {config.num_layers} layers; "
+                          f"choose stage from {divisors(config.num_layers)}")
     if fixed.tensor is not None:
         if config.num_kv_heads % fixed.tensor or config.num_heads % fixed.tensor:
             raise FlavorError(f"tensor={fixed.tensor} does not divide the model's {config.num_kv_heads} key/value "
@@ -83,16 +90,19 @@ def check_fixed(fixed: Fixed, flavor: int, config: ModelConfig, batch_size: int,
 
 
 def meshes(flavor: int, config: ModelConfig, devices_per_host: int, fixed: Fixed = Fixed()) -> Iterator[MeshShape]:
-    """Every data × fsdp × tensor = flavor allowed by the model, the hosts and the fixed axes."""
+    """Every stage × data × fsdp × tensor = flavor allowed by the model, the hosts and the fixed axes."""
     for tensor in divisors(flavor):
         if config.num_kv_heads % tensor or config.num_heads % tensor:
             continue
         if tensor > 1 and (tensor > devices_per_host or devices_per_host % tensor) and flavor > devices_per_host:
             continue
-        for fsdp in divisors(flavor // tensor):
-            mesh = MeshShape(data=flavor // tensor // fsdp, fsdp=fsdp, tensor=tensor)
-            if all(getattr(fixed, a) in (None, getattr(mesh, a)) for a in ("data", "fsdp", "tensor")):
-                yield mesh
+        for stage in divisors(flavor // tensor):
+            if config.num_layers % stage:
+                continue
+            for fsdp in divisors(flavor // tensor // stage):
+                mesh = MeshShape(stage=stage, data=flavor // tensor // stage // fsdp, fsdp=fsdp, tensor=tensor)
+                if all(getattr(fixed, a) in (None, getattr(mesh, a)) for a in MESH_AXES):
+                    yield mesh
 
 
 def candidates(flavor: int, config: ModelConfig, batch_size: int, seq_len: int, devices_per_host: int,
@@ -106,5 +116,7 @@ def candidates(flavor: int, config: ModelConfig, batch_size: int, seq_len: int, 
         for mb in [fixed.micro_batches] if fixed.micro_batches else divisors(batch_size):
             if (batch_size // mb) % mesh.batch_shards or batch_size % mb:
                 continue
+            if mesh.stage > 1 and mb < mesh.stage and not fixed.micro_batches:
+                continue  # a pipeline with fewer micro-batches than stages leaves stages idle
             out.extend(Candidate(mesh, mb, remat, loss) for remat in remats for loss in losses)
     return out

@@ -15,7 +15,7 @@ def gib(n: float) -> str:
 
 def _compact(s) -> dict[str, Any]:
     c = s.candidate
-    return {"mesh": {"data": c.mesh.data, "fsdp": c.mesh.fsdp, "tensor": c.mesh.tensor},
+    return {"mesh": {"stage": c.mesh.stage, "data": c.mesh.data, "fsdp": c.mesh.fsdp, "tensor": c.mesh.tensor},
             "micro_batches": c.micro_batches, "remat": c.remat, "loss": c.loss,
             "estimated_bytes_per_device": s.memory["total"], "estimated_step_seconds": round(s.seconds["total"], 6)}
 
@@ -26,7 +26,9 @@ def _slower_because(alt, chosen) -> str:
     parts = {"more compute (recompute or smaller matmuls)": a["compute"] - c["compute"],
              "exposed data/fsdp communication": max(0.0, a["data"] + a["fsdp"] - 0.8 * a["compute"])
              - max(0.0, c["data"] + c["fsdp"] - 0.8 * c["compute"]),
-             "tensor-parallel all-reduces": a["tensor"] - c["tensor"]}
+             "tensor-parallel all-reduces": a["tensor"] - c["tensor"],
+             "pipeline bubble (stages idle while it fills and drains)": a.get("bubble", 0) - c.get("bubble", 0),
+             "stage-to-stage transfers": a.get("stage", 0) - c.get("stage", 0)}
     cause = max(parts, key=parts.get)
     if ratio <= 0:
         return "about as fast; the chosen layout is simpler"
@@ -64,7 +66,37 @@ def why_chosen(s, fits, over, fixed) -> str:
         reasons.append(f"{c.micro_batches} micro-batches to bound activations")
     if c.loss == "chunked":
         reasons.append("loss computed in chunks so whole float32 logits never exist")
+    reasons.append(pipeline_verdict(s, fits, over))
     return (f"fastest of {len(fits)} candidates that fit (of {len(fits) + len(over)}): " + "; ".join(reasons))
+
+
+def pipeline_verdict(s, fits, over) -> str:
+    """Why the chosen plan has a pipeline, or why none of the pipelined candidates won."""
+    c = s.candidate
+    if c.mesh.stage > 1:
+        ticks = c.micro_batches + c.mesh.stage - 1
+        flat = [f for f in fits if f.candidate.mesh.stage == 1]
+        versus = (f"the best plan without stages is {flat[0].seconds['total'] / s.seconds['total'] - 1:.1%} slower"
+                  f" ({_cause(flat[0], s)})" if flat else "no plan without stages fits")
+        return (f"pipeline of {c.mesh.stage} stages over {c.micro_batches} micro-batches (bubble "
+                f"{(c.mesh.stage - 1) / ticks:.0%} of {ticks} ticks): {versus}")
+    piped = [f for f in fits if f.candidate.mesh.stage > 1]
+    if piped:
+        p = piped[0]
+        return (f"no pipeline: the best with stages ({p.candidate.mesh.stage} stages, {p.candidate.micro_batches} "
+                f"micro-batches) is {p.seconds['total'] / s.seconds['total'] - 1:.1%} slower ({_cause(p, s)})")
+    if any(o.candidate.mesh.stage > 1 for o in over):
+        return "no pipeline: no pipelined candidate fits in memory"
+    return "no pipeline: the layers or the flavor allow no stages"
+
+
+def _cause(a, b) -> str:
+    """The time term where `a` loses most to `b` (what a pipeline adds or saves)."""
+    terms = ("compute", "bubble", "stage", "data", "fsdp", "tensor")
+    worst = max(terms, key=lambda k: a.seconds.get(k, 0) - b.seconds.get(k, 0))
+    names = {"compute": "compute", "bubble": "pipeline bubble", "stage": "stage-to-stage transfers",
+             "data": "gradient all-reduce", "fsdp": "fsdp weight gathers", "tensor": "tensor all-reduces"}
+    return (f"{names[worst]} {a.seconds.get(worst, 0):.3f} s against {b.seconds.get(worst, 0):.3f} s")
 
 
 def table(plan: Plan) -> str:
@@ -80,14 +112,15 @@ def table(plan: Plan) -> str:
     lines.append(f"    {'total':<12} {gib(m.get('total', 0)):>12}   budget {gib(budget)}")
     if plan.verified_bytes_per_device is not None:
         lines.append(f"    {'compiled':<12} {gib(plan.verified_bytes_per_device):>12}   on {plan.verified_on}")
+    piped = f", bubble {t.get('bubble', 0):.3f}, stage {t.get('stage', 0):.3f}" if plan.mesh.stage > 1 else ""
     lines += ["", f"  step {t.get('total', 0):.3f} s (compute {t.get('compute', 0):.3f}, data {t.get('data', 0):.3f}, "
-                  f"fsdp {t.get('fsdp', 0):.3f}, tensor {t.get('tensor', 0):.3f}) | "
+                  f"fsdp {t.get('fsdp', 0):.3f}, tensor {t.get('tensor', 0):.3f}{piped}) | "
                   f"{plan.estimated_tokens_per_sec or 0:,.0f} tokens/s | MFU {(plan.estimated_mfu or 0):.1%}"]
     if plan.alternatives:
         lines += ["", "  alternatives"]
         for a in plan.alternatives:
-            mesh = "x".join(str(a["mesh"][k]) for k in ("data", "fsdp", "tensor"))
-            lines.append(f"    d×f×t {mesh:<9} mb {a['micro_batches']:<3} remat {a['remat']:<7} loss "
+            mesh = "x".join(str(a["mesh"].get(k, 1)) for k in ("stage", "data", "fsdp", "tensor"))
+            lines.append(f"    s×d×f×t {mesh:<11} mb {a['micro_batches']:<3} remat {a['remat']:<7} loss "
                          f"{a['loss']:<7} {gib(a['estimated_bytes_per_device']):>11} "
                          f"{a['estimated_step_seconds']:8.3f} s  {a['why_not']}")
     if plan.planning_seconds:

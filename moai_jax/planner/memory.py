@@ -9,6 +9,11 @@
     logits          float32 [tokens, vocab / tensor] logits, their gradient and softmax: whole or one chunk
     gathered        FSDP: one layer's weights (and the head) all-gathered in flight, forward and backward
     temporaries     the optimizer update's transient copies, the batch, compiled code
+    pipeline        under stages: the micro-batches' inputs and outputs of the stages, and their gradients
+
+Under a pipeline (stage > 1) each device holds its stage's layers (and a slice of the vocab-sized
+tables), keeps what its layers save for backward for every micro-batch in flight (micro-batches +
+stages − 1 ticks of layers / stages layers each), and runs the head once on the whole batch.
 
 Activation sizes are per token and counted in elements of E (hidden), F (MLP / tensor), Q (query
 heads × head_dim / tensor) and KV (key/value heads × head_dim / tensor); the coefficients were fitted
@@ -37,6 +42,7 @@ UPDATE_COPIES = 0.02  # transient parameter-sized buffers of the optimizer updat
 ATTENTION_BLOCK = 128  # the blockwise attention's key block
 ATTENTION_COPIES = 2.8  # float32 [rows, heads, length, block] scores, probabilities and their gradient
 CODE_BYTES = 0
+PIPELINE_COPIES = 4.0  # [batch, length, embed] buffers of a pipeline: stage inputs, outputs, their gradients
 
 
 def parse_bytes(text: str) -> int:
@@ -92,7 +98,7 @@ def _shard_elements(shape, names, mesh_sizes) -> int:
 
 def sharded_param_elements(config: ModelConfig, mesh: MeshShape) -> int:
     """Parameter elements each device holds under the logical axis rules."""
-    sizes = {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor}
+    sizes = {"stage": mesh.stage, "data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor}
     return sum(_shard_elements(s, n, sizes) for s, n in param_shapes(config).values())
 
 
@@ -115,24 +121,26 @@ def estimate_bytes(config: ModelConfig, batch_size: int, seq_len: int, mesh: Mes
     """Estimated bytes per device of the train step, by term, with "total"."""
     p = sharded_param_elements(config, mesh) * param_bytes
     tokens = batch_size // micro_batches // mesh.batch_shards * seq_len  # per device, one micro-batch
-    layers = config.num_layers
+    layers = held_layers(config, mesh, micro_batches)
     activations = layers * tokens * _per_token(SAVED[remat], config, mesh.tensor) * activation_bytes
     recompute = 0 if remat == "none" else tokens * _per_token(RECOMPUTE, config, mesh.tensor) * activation_bytes
     rows = batch_size // micro_batches // mesh.batch_shards
-    logit_positions = rows * (min(LOSS_CHUNK, seq_len) if loss == "chunked" else seq_len)
-    vocab = config.vocab_size // mesh.tensor if config.vocab_size % mesh.tensor == 0 else config.vocab_size
+    head_rows = batch_size // mesh.batch_shards if mesh.stage > 1 else rows  # a pipeline's head sees the batch
+    logit_positions = head_rows * (min(LOSS_CHUNK, seq_len) if loss == "chunked" else seq_len)
+    vocab_split = mesh.tensor * mesh.stage
+    vocab = config.vocab_size // vocab_split if config.vocab_size % vocab_split == 0 else config.vocab_size
     logits = logit_positions * vocab * 4 * LOGIT_COPIES
     heads = config.num_heads // mesh.tensor if config.num_heads % mesh.tensor == 0 else config.num_heads
     attention = ATTENTION_COPIES * rows * heads * seq_len * min(ATTENTION_BLOCK, seq_len) * 4
     gathered = 0
     if mesh.fsdp > 1:
         layer = layer_param_elements(config) / mesh.tensor
-        head = config.vocab_size * config.hidden_size / mesh.tensor
+        head = config.vocab_size * config.hidden_size / mesh.tensor / mesh.stage
         gathered = (GATHER_COPIES * layer + HEAD_COPIES["micro-batches" if micro_batches > 1 else "one batch"] * head) * max(param_bytes, activation_bytes) * (1 - 1 / mesh.fsdp)
     batch = 4 * 4 * batch_size * seq_len // mesh.batch_shards
     terms = {
         "parameters": p,
-        "gradients": p * (2 if micro_batches > 1 else 1),
+        "gradients": p * (2 if micro_batches > 1 or mesh.stage > 1 else 1),
         "optimizer": 2 * p,
         "activations": activations,
         "recompute": recompute,
@@ -140,7 +148,25 @@ def estimate_bytes(config: ModelConfig, batch_size: int, seq_len: int, mesh: Mes
         "logits": logits,
         "gathered": gathered,
         "temporaries": UPDATE_COPIES * p + batch + CODE_BYTES,
+        "pipeline": pipeline_buffers(config, batch_size, seq_len, mesh, activation_bytes),
     }
     terms = {k: int(v) for k, v in terms.items()}
     terms["total"] = sum(terms.values())
     return terms
+
+
+def held_layers(config: ModelConfig, mesh: MeshShape, micro_batches: int) -> float:
+    """Layers' worth of one micro-batch's saved activations a device holds at the peak: every layer
+    without a pipeline; a stage's layers for every tick (micro-batches + stages − 1) under one."""
+    if mesh.stage == 1:
+        return config.num_layers
+    return (micro_batches + mesh.stage - 1) * config.num_layers / mesh.stage
+
+
+def pipeline_buffers(config: ModelConfig, batch_size: int, seq_len: int, mesh: MeshShape,
+                     activation_bytes: int) -> float:
+    """A pipeline's [batch, length, embed] buffers per device: the stages' inputs and outputs of every
+    micro-batch, and their gradients (none without a pipeline)."""
+    if mesh.stage == 1:
+        return 0.0
+    return PIPELINE_COPIES * batch_size // mesh.batch_shards * seq_len * config.hidden_size * activation_bytes

@@ -47,8 +47,10 @@ class Plan:
     def summary(self) -> str:
         """The chosen configuration in one line, as MoAI prints its selected config."""
         tp = f"TP {self.mesh.tensor}" if self.mesh.tensor > 1 else "No TP"
+        pp = (f"num_stages {self.mesh.stage}, num_micro_batches {self.micro_batches}" if self.mesh.stage > 1
+              else "No PP")
         return (f"flavor {self.flavor} ({self.hardware}) | mesh {self.mesh} | micro-batches {self.micro_batches} | "
-                f"batch per device {self.batch_per_device:g} | {tp} | remat {self.remat} | loss {self.loss} | "
+                f"batch per device {self.batch_per_device:g} | {pp} | {tp} | remat {self.remat} | loss {self.loss} | "
                 f"compute {self.compute_dtype}")
 
     def __str__(self) -> str:

@@ -37,7 +37,7 @@ class Scored:
     @property
     def simplicity(self) -> tuple:
         c = self.candidate
-        return (c.mesh.tensor, c.micro_batches, REMAT_POLICIES.index(c.remat), c.loss != "whole",
+        return (c.mesh.stage, c.mesh.tensor, c.micro_batches, REMAT_POLICIES.index(c.remat), c.loss != "whole",
                 c.mesh.fsdp)
 
 
@@ -69,7 +69,7 @@ def rank(config: ModelConfig, batch_size: int, seq_len: int, flavor: int, hardwa
 
 def smallest_flavor(config, batch_size, seq_len, hardware, memory_fraction, fixed: Fixed, start: int) -> int | None:
     """The smallest flavor above `start` where some candidate's estimate fits (mesh axes left automatic)."""
-    loose = dataclasses.replace(fixed, data=None, fsdp=None, tensor=None)
+    loose = dataclasses.replace(fixed, data=None, fsdp=None, tensor=None, stage=None)
     budget = int(memory_fraction * hardware.memory_bytes)
     sizes = sorted({n for n in range(start + 1, 17)} | {n for n in range(8, 4097, 8) if n > start})
     for n in sizes:
@@ -85,7 +85,7 @@ def smallest_flavor(config, batch_size, seq_len, hardware, memory_fraction, fixe
 def plan(model_config: ModelConfig, batch_size: int, seq_len: int, accelerator: Accelerator,
          memory_fraction: float = 0.8, *, verify: bool = True, data: int | None = None, fsdp: int | None = None,
          tensor: int | None = None, micro_batches: int | None = None, remat: str | None = None,
-         loss: str | None = None, compute_dtype: str | None = None, optimizer=None,
+         loss: str | None = None, compute_dtype: str | None = None, optimizer=None, stage: int | None = None,
          verifier: Callable[[Plan], Verified] | None = None) -> Plan:
     """The fastest plan whose memory fits `memory_fraction` of each device, verified by a compile.
 
@@ -101,7 +101,8 @@ def plan(model_config: ModelConfig, batch_size: int, seq_len: int, accelerator: 
     compute_dtype = compute_dtype or ("float32" if hardware.name == "cpu" else "bfloat16")
     if compute_dtype not in ("float32", "bfloat16", "float16"):
         raise FlavorError(f"compute dtype {compute_dtype!r}: choose float32, bfloat16 or float16")
-    fixed = Fixed(data, fsdp, tensor, micro_batches, remat, loss)
+    fixed = Fixed(data=data, fsdp=fsdp, tensor=tensor, micro_batches=micro_batches, remat=remat, loss=loss,
+                  stage=stage)
     check_fixed(fixed, flavor, model_config, batch_size, seq_len, hardware.devices_per_host)
     budget = int(memory_fraction * hardware.memory_bytes)
     fits, over = rank(model_config, batch_size, seq_len, flavor, hardware, budget, fixed, compute_dtype)

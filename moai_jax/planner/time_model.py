@@ -8,8 +8,16 @@
                    micro-batch, overlapped with compute
     tensor         two all-reduces of [tokens, hidden] activations per layer, forward and backward: on
                    the critical path
-Each axis uses the link it spans: devices are laid out tensor innermost, then fsdp, then data, so an
-axis whose group (with the axes inside it) exceeds a host crosses the slower inter-host links.
+    bubble         under a pipeline, the ticks a stage waits for its first or after its last
+                   micro-batch: compute × (stages − 1) / micro_batches, so that compute + bubble is
+                   compute stretched over micro_batches + stages − 1 ticks (an idle share of
+                   (stages − 1) / (micro_batches + stages − 1))
+    stage          each tick's [rows, length, hidden] activations passed to the next stage, forward and
+                   backward, and the last stage's outputs handed to the head: on the critical path
+Each axis uses the link it spans: devices are laid out tensor innermost, then fsdp, then data, then
+stage, so an axis whose group (with the axes inside it) exceeds a host crosses the slower inter-host
+links. Under a pipeline each stage works on its share of the layers: its weights are gathered over
+fsdp once per tick, its gradients all-reduced over data.
 """
 
 from __future__ import annotations
@@ -45,22 +53,45 @@ def estimate_seconds(config: ModelConfig, batch_size: int, seq_len: int, mesh: M
     work = rows / mesh.tensor  # tensor parallelism narrows each device's matmuls as much as fewer rows would
     efficiency = (PEAK_EFFICIENCY * work / (work + HALF_EFFICIENCY_ROWS)
                   * (1 - TENSOR_EFFICIENCY_LOSS * math.log2(mesh.tensor)))
-    compute = flops / (devices * hardware.peak_flops * efficiency) + MICRO_BATCH_OVERHEAD * micro_batches
+    ticks = pipeline_ticks(mesh, micro_batches)  # micro-batch passes over a device's layers
+    compute = flops / (devices * hardware.peak_flops * efficiency) + MICRO_BATCH_OVERHEAD * ticks
 
     params = param_count(config)
-    grad_bytes = 4 * params / (mesh.fsdp * mesh.tensor)
-    t, f, d = mesh.tensor, mesh.fsdp, mesh.data
+    s, t, f, d = mesh.stage, mesh.tensor, mesh.fsdp, mesh.data
+    grad_bytes = 4 * params / (f * t * s)
     data = 2 * (d - 1) / d * grad_bytes / _bandwidth(hardware, t * f * d) if d > 1 else 0.0
     fsdp = 0.0
     if f > 1:
-        shard_volume = params / t * (f - 1) / f
+        shard_volume = params / t / s * (f - 1) / f
         per_micro = shard_volume * (2 * compute_bytes + 4)  # gather fwd + bwd, reduce-scatter f32 grads
-        fsdp = micro_batches * per_micro / _bandwidth(hardware, t * f)
+        fsdp = ticks * per_micro / _bandwidth(hardware, t * f)
     tensor = 0.0
     if t > 1:
         passes = 3 if remat == "full" else 2  # forward (+ recompute) and backward
-        volume = 2 * passes * config.num_layers * rows * config.hidden_size * compute_bytes * 2 * (t - 1) / t
-        tensor = micro_batches * volume / _bandwidth(hardware, t)
+        volume = 2 * passes * config.num_layers / s * rows * config.hidden_size * compute_bytes * 2 * (t - 1) / t
+        tensor = ticks * volume / _bandwidth(hardware, t)
+    bubble, stage = pipeline_seconds(config, seq_len, batch_size, mesh, hardware, micro_batches, compute,
+                                     compute_bytes)
     exposed = max(0.0, data + fsdp - OVERLAP * compute)
-    total = compute + exposed + tensor
-    return {"compute": compute, "data": data, "fsdp": fsdp, "tensor": tensor, "total": total}
+    total = compute + bubble + exposed + tensor + stage
+    return {"compute": compute, "data": data, "fsdp": fsdp, "tensor": tensor, "bubble": bubble, "stage": stage,
+            "total": total}
+
+
+def pipeline_ticks(mesh: MeshShape, micro_batches: int) -> int:
+    """How many times a device runs its layers in one step: once per micro-batch, plus the stages − 1
+    ticks of a pipeline's fill and drain."""
+    return micro_batches + mesh.stage - 1
+
+
+def pipeline_seconds(config: ModelConfig, seq_len: int, batch_size: int, mesh: MeshShape, hardware: Hardware,
+                     micro_batches: int, compute: float, compute_bytes: int) -> tuple[float, float]:
+    """(bubble, stage-to-stage transfer) seconds of a pipeline; (0, 0) without one."""
+    if mesh.stage == 1:
+        return 0.0, 0.0
+    bubble = compute * (mesh.stage - 1) / micro_batches
+    rows = batch_size / micro_batches / mesh.batch_shards
+    per_tick = rows * seq_len * config.hidden_size * compute_bytes * 2  # forward and backward
+    handed_to_head = 2 * batch_size / mesh.batch_shards * seq_len * config.hidden_size * compute_bytes
+    link = _bandwidth(hardware, mesh.size)  # stage is outermost: its neighbours are a whole sub-mesh apart
+    return bubble, (pipeline_ticks(mesh, micro_batches) * per_tick + handed_to_head) / link

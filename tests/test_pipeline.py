@@ -1,0 +1,106 @@
+"""Pipeline stages against no pipeline: same loss and gradients on 8 simulated devices, parameters and
+optimizer state split by the stage count, checkpoints that move between stage counts, the planner's choice."""
+
+import dataclasses
+import functools
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from test_trainer import make_batches
+
+from moai_jax.accelerator import Accelerator
+from moai_jax.checkpoint import Checkpoints
+from moai_jax.errors import FlavorError
+from moai_jax.models import Decoder, ModelConfig
+from moai_jax.optimizer import adamw
+from moai_jax.planner import plan
+from moai_jax.planner.plan import Plan
+from moai_jax.sharding.annotate import logical_sharding
+from moai_jax.sharding.mesh import MeshShape, make_mesh
+from moai_jax.sharding.rules import tree_shardings
+from moai_jax.step import compile_step, pipeline_micro_batches
+from moai_jax.train import IGNORE, cross_entropy_sum
+from moai_jax.trainer import Trainer
+
+# tiny, with 4 layers so that 4 stages divide them and 4 key/value heads so that tensor=2 divides them
+CONFIG = dataclasses.replace(ModelConfig.preset("tiny"), num_layers=4, num_heads=8, num_kv_heads=4, head_dim=8)
+BATCH, SEQ = 16, 32
+
+
+@functools.cache
+def loss_and_grads(mesh: str, micro_batches: int = 1):
+    """The mean loss over a packed batch and its gradients, jitted over `mesh` (a pipeline if stage > 1)."""
+    shape = MeshShape.parse(mesh)
+    model = Decoder(CONFIG, rngs=nnx.Rngs(0), attention="xla")
+    p = Plan(flavor=shape.size, hardware="cpu", mesh=shape, batch_size=BATCH, seq_len=SEQ, micro_batches=micro_batches)
+    assert pipeline_micro_batches(model, p) == (1 if shape.stage > 1 else micro_batches)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    device_mesh = make_mesh(shape, jax.devices()[: shape.size])
+    shardings = tree_shardings(nnx.to_pure_dict(nnx.get_partition_spec(params)), nnx.to_pure_dict(params), device_mesh)
+    params = jax.device_put(nnx.to_pure_dict(params), shardings)
+    batch = make_batches(1, BATCH, SEQ)[0]
+
+    def mean_loss(params, batch):
+        with logical_sharding(device_mesh):
+            model = nnx.merge(graphdef, params, rest)
+            return cross_entropy_sum(model, batch) / np.sum(batch["labels"] != IGNORE)
+
+    loss, grads = jax.jit(jax.value_and_grad(mean_loss), out_shardings=(None, shardings))(params, batch)
+    return float(loss), jax.device_get(grads)
+
+
+@pytest.mark.parametrize("mesh, micro_batches", [  # 1, stages and 2 × stages micro-batches
+    ("stage=2", 1), ("stage=2,data=2,tensor=2", 4), ("stage=4,fsdp=2", 4),
+])
+def test_pipeline_matches_no_pipeline(mesh, micro_batches):
+    loss, grads = loss_and_grads(mesh, micro_batches)
+    ref_loss, ref_grads = loss_and_grads("data=1")
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, ref_grads)
+
+
+def test_stages_split_parameters_and_optimizer_state():
+    """XLA's own account: the step's arguments (parameters, Adam moments, batch) per device, less the
+    batch, fall by the stage count (scripts/memory_model_check.py compares the memory model's estimate)."""
+    state_bytes = {}
+    for mesh in ("data=1", "stage=4"):
+        shape = MeshShape.parse(mesh)
+        p = Plan(flavor=shape.size, hardware="cpu", mesh=shape, batch_size=8, seq_len=SEQ, micro_batches=4)
+        abstract = nnx.eval_shape(lambda: Decoder(CONFIG, rngs=nnx.Rngs(0), attention="xla"))
+        _, executable, _ = compile_step(p, abstract, jax.devices()[: shape.size])
+        batch_bytes = 4 * 4 * p.batch_size * p.seq_len  # four int32 [batch, length] inputs, whole on each device
+        state_bytes[mesh] = executable.memory_analysis().argument_size_in_bytes - batch_bytes
+    assert abs(state_bytes["stage=4"] * 4 / state_bytes["data=1"] - 1) < 0.02, state_bytes  # final norm: not split
+
+
+def test_checkpoints_move_between_stage_counts(tmp_path):
+    """Saved with 4 stages, resumed with 1, and the reverse: the losses of an uninterrupted run."""
+    batches = make_batches(4, 8, SEQ, seed=1)
+    trainers = {mesh: Trainer(lambda: Decoder(CONFIG, rngs=nnx.Rngs(0), attention="xla"), adamw(1e-3), 8, SEQ,
+                              Accelerator(8), mesh, micro_batches=micro_batches)
+                for mesh, micro_batches in (("stage=4,data=2", 4), ("data=8", 1))}
+    straight = {}
+    for mesh, trainer in trainers.items():
+        losses = [float(trainer.step(b)["loss"]) for b in batches[:2]]
+        with Checkpoints(tmp_path / mesh) as checkpoints:
+            checkpoints.save(trainer, 2)
+        straight[mesh] = losses + [float(trainer.step(b)["loss"]) for b in batches[2:]]
+    np.testing.assert_allclose(straight["stage=4,data=2"], straight["data=8"], rtol=1e-5)
+    for saved, resumed in (("stage=4,data=2", "data=8"), ("data=8", "stage=4,data=2")):
+        with Checkpoints(tmp_path / saved) as checkpoints:
+            checkpoints.restore(trainers[resumed], 2)
+        losses = [float(trainers[resumed].step(b)["loss"]) for b in batches[2:]]
+        np.testing.assert_allclose(losses, straight[saved][2:], rtol=1e-5)
+
+
+def test_planner_stages_only_where_layers_divide():
+    acc = Accelerator(8, "cpu")
+    with pytest.raises(FlavorError, match="does not divide the model's 4 layers"):
+        plan(CONFIG, 16, SEQ, acc, verify=False, stage=8)
+    chosen = plan(CONFIG, 16, SEQ, acc, verify=False, stage=4)
+    assert chosen.mesh.stage == 4 and chosen.micro_batches >= 4 and "num_stages 4" in chosen.summary()
+    assert "No PP" in plan(CONFIG, 16, SEQ, acc, verify=False, stage=1).summary()
+    with pytest.raises(FlavorError, match="stage=3 does not divide the model's 4 layers"):
+        Trainer(lambda: Decoder(CONFIG, rngs=nnx.Rngs(0)), adamw(1e-3), 12, SEQ, Accelerator(6), "stage=3,data=2")
