@@ -11,11 +11,18 @@
 
 A token attends to itself and the earlier tokens of its own segment. Segment 0 (padding) is one
 more segment, so padding tokens attend among themselves and stay finite.
+
+Family variants, in every implementation: a `scale` other than head_dim^-1/2, soft-capped scores
+(Gemma 2: cap · tanh(s / cap); cuDNN has none, so it falls back to blockwise), a sliding `window`
+(a token sees the `window` latest tokens, itself included; may be a traced per-layer value) and
+ALiBi biases (Baichuan 2 13B: slope_n · (key position - query position)).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -40,32 +47,109 @@ def resolve(implementation: str, dtype, head_dim: int) -> str:
     return "cudnn" if nvidia and sixteen_bit and head_dim % 8 == 0 and head_dim <= 128 else "blockwise"
 
 
-def attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, implementation: str, block_size: int = 128):
+@dataclasses.dataclass(frozen=True)
+class Scores:
+    """How raw q·k scores become attention logits: scaled, then soft-capped or ALiBi-biased (not both)."""
+
+    scale: float
+    softcap: float | None = None
+    alibi_slopes: tuple[float, ...] | None = None  # one per query head
+
+    def __post_init__(self):
+        if self.softcap is not None and self.alibi_slopes is not None:
+            raise ModelConfigError("attention with both soft-capping and ALiBi is not supported")
+
+    def apply(self, s_BKGTS, query_index_T, key_index_S):
+        """Scores [B, K, G, T, S] as the softmax sees them (before the mask)."""
+        s_BKGTS = s_BKGTS * self.scale
+        if self.softcap is not None:
+            s_BKGTS = self.softcap * jnp.tanh(s_BKGTS / self.softcap)
+        if self.alibi_slopes is not None:
+            s_BKGTS = s_BKGTS + self.alibi_bias(query_index_T, key_index_S, s_BKGTS.shape[1])
+        return s_BKGTS
+
+    def alibi_bias(self, query_index_T, key_index_S, num_kv_heads: int):
+        """slope · (key position - query position), [K, G, T, S] (query head n = k · G + g)."""
+        slopes_KG = np.asarray(self.alibi_slopes, np.float32).reshape(num_kv_heads, -1)
+        distance_TS = (key_index_S[None, :] - query_index_T[:, None]).astype(jnp.float32)
+        return slopes_KG[:, :, None, None] * distance_TS
+
+    def capped_slope(self, s):
+        """d(capped score)/d(scaled score) at capped scores `s` (1 without soft-capping)."""
+        return 1.0 if self.softcap is None else 1.0 - (s / self.softcap) ** 2
+
+
+def alibi_slopes(num_heads: int) -> tuple[float, ...]:
+    """ALiBi slopes per head, as Baichuan (and BLOOM) compute them: 2^(-8/n) powers, interleaved off powers of 2."""
+    def powers(n):
+        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+        return [start * start**i for i in range(n)]
+
+    if math.log2(num_heads).is_integer():
+        return tuple(powers(num_heads))
+    closest = 2 ** math.floor(math.log2(num_heads))
+    return tuple(powers(closest) + list(alibi_slopes(2 * closest))[0::2][: num_heads - closest])
+
+
+def attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, implementation: str, block_size: int = 128,
+              scale: float | None = None, softcap: float | None = None, window=None, alibi_slopes=None):
     """Causal attention of queries [B, T, N, H] over grouped keys/values [B, T, K, H] → [B, T, N, H].
 
     `segment_ids_BT` None means one document per row. cuDNN takes segments as a [B, 1, T, T] mask.
     The output (and the blockwise log-sum-exp) is named "attention" / "attention_lse" for remat.
+    `scale` (default head_dim^-1/2), `softcap`, `window` and `alibi_slopes` are the family variants.
     """
     implementation = resolve(implementation, q_BTNH.dtype, q_BTNH.shape[-1])
+    scores = Scores(q_BTNH.shape[-1] ** -0.5 if scale is None else scale, softcap,
+                    None if alibi_slopes is None else tuple(alibi_slopes))
+    if implementation == "cudnn" and softcap is not None:
+        implementation = "blockwise"  # cuDNN cannot soft-cap scores
     if implementation == "blockwise":
         if segment_ids_BT is None:
             segment_ids_BT = jnp.zeros(q_BTNH.shape[:2], jnp.int32)
-        return blockwise_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, block_size=block_size)
-    same_segment_B1TT = None
+        return blockwise_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, block_size=block_size, scores=scores,
+                                   window=window)
+    if softcap is not None:  # xla: scores written out, as jax.nn.dot_product_attention would
+        return checkpoint_name(_softcapped(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, scores, window), "attention")
+    length = q_BTNH.shape[1]
+    index_T = jnp.arange(length)
+    mask_B1TT = None
     if segment_ids_BT is not None:
-        same_segment_B1TT = segment_ids_BT[:, None, :, None] == segment_ids_BT[:, None, None, :]
+        mask_B1TT = segment_ids_BT[:, None, :, None] == segment_ids_BT[:, None, None, :]
+    if window is not None:
+        in_window_11TT = (index_T[:, None] - index_T[None, :] < window)[None, None]
+        mask_B1TT = in_window_11TT if mask_B1TT is None else mask_B1TT & in_window_11TT
+    bias_1NTT = None
+    if scores.alibi_slopes is not None:
+        num_heads = q_BTNH.shape[2]
+        bias_1NTT = scores.alibi_bias(index_T, index_T, num_heads).reshape(1, num_heads, length, length)
+        bias_1NTT = bias_1NTT.astype(q_BTNH.dtype)
     out_BTNH = jax.nn.dot_product_attention(
-        q_BTNH, k_BTKH, v_BTKH, mask=same_segment_B1TT, is_causal=True, implementation=implementation
+        q_BTNH, k_BTKH, v_BTKH, bias=bias_1NTT, mask=mask_B1TT, scale=scores.scale, is_causal=True,
+        implementation=implementation,
     )
     return checkpoint_name(out_BTNH, "attention")
 
 
-def blockwise_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, block_size: int = 128):
+def _softcapped(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, scores: Scores, window):
+    """Attention with whole [T, T] soft-capped scores (the "xla" implementation of Gemma 2)."""
+    b, length, n, h = q_BTNH.shape
+    segments_BT = jnp.zeros((b, length), jnp.int32) if segment_ids_BT is None else segment_ids_BT
+    q_BKGTH = _grouped(q_BTNH, k_BTKH.shape[2])
+    s_BKGTS, visible = _scores(q_BKGTH, k_BTKH, segments_BT, segments_BT, 0, 0, scores, window)
+    p_BKGTS = jax.nn.softmax(jnp.where(visible, s_BKGTS, _MASKED), axis=-1)
+    out_BKGTH = jnp.einsum("bkgts,bskh->bkgth", p_BKGTS.astype(v_BTKH.dtype), v_BTKH)
+    return jnp.moveaxis(out_BKGTH, 3, 1).reshape(b, length, n, h)
+
+
+def blockwise_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, block_size: int = 128, scores: Scores | None = None,
+                        window=None):
     """Causal attention by blocks of `block_size` queries and keys; lengths not divisible by it are padded.
 
     Only the pairs (query block i, key block j ≤ i) are computed: the blocks above the diagonal,
     which the causal mask hides completely, are skipped forward and backward (about half the work
-    at long sequences)."""
+    at long sequences). `scores` (default: scale head_dim^-1/2 only) and `window` (a sliding window,
+    or None) as in `attention`."""
     batch, length, num_heads, head_dim = q_BTNH.shape
     num_kv_heads = k_BTKH.shape[2]
     block = min(block_size, length)
@@ -74,7 +158,8 @@ def blockwise_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, block_size: i
     q_BSNH, k_BSKH, v_BSKH = jnp.pad(q_BTNH, pad), jnp.pad(k_BTKH, pad), jnp.pad(v_BTKH, pad)
     segments_BS = jnp.pad(segment_ids_BT, ((0, 0), (0, padded - length)), constant_values=-1)
     q_BKGSH = _grouped(q_BSNH, num_kv_heads)
-    out_BKGSH = _blockwise(q_BKGSH, k_BSKH, v_BSKH, segments_BS, block, head_dim**-0.5)
+    scores = Scores(head_dim**-0.5) if scores is None else scores
+    out_BKGSH = _blockwise(q_BKGSH, k_BSKH, v_BSKH, segments_BS, window, block, scores)
     out_BSNH = jnp.moveaxis(out_BKGSH, 3, 1).reshape(batch, padded, num_heads, head_dim)
     return out_BSNH[:, :length]
 
@@ -119,18 +204,23 @@ def _put(x_n, value, i):
     return jax.lax.dynamic_update_index_in_dim(x_n, value, i, 0)
 
 
-def _scores(q_BKGbH, k_BbKH, query_segments_Bb, key_segments_Bb, query_start, key_start, scale):
-    """Scaled scores [B, K, G, b, b] of one query block over one key block, and where they are visible."""
-    s_BKGqk = jnp.einsum("bkgqh,bskh->bkgqs", q_BKGbH, k_BbKH, preferred_element_type=jnp.float32) * scale
+def _scores(q_BKGbH, k_BbKH, query_segments_Bb, key_segments_Bb, query_start, key_start, scores: Scores,
+            window=None):
+    """Scores [B, K, G, b, b] of one query block over one key block (scaled, capped, biased), and where
+    they are visible."""
+    s_BKGqk = jnp.einsum("bkgqh,bskh->bkgqs", q_BKGbH, k_BbKH, preferred_element_type=jnp.float32)
     query_index_q = query_start + jnp.arange(q_BKGbH.shape[3])
     key_index_k = key_start + jnp.arange(k_BbKH.shape[1])
+    s_BKGqk = scores.apply(s_BKGqk, query_index_q, key_index_k)
     causal_qk = query_index_q[:, None] >= key_index_k[None, :]
+    if window is not None:
+        causal_qk = causal_qk & (query_index_q[:, None] - key_index_k[None, :] < window)
     same_segment_Bqk = query_segments_Bb[:, :, None] == key_segments_Bb[:, None, :]
     visible_B11qk = (causal_qk & same_segment_Bqk)[:, None, None]
     return s_BKGqk, visible_B11qk
 
 
-def _forward(q_BKGSH, k_BSKH, v_BSKH, segments_BS, block, scale):
+def _forward(q_BKGSH, k_BSKH, v_BSKH, segments_BS, window, block, scores):
     """Online softmax over the visible blocks → output [B, K, G, S, H] (q's dtype) and log-sum-exp [B, K, G, S]."""
     q_nBKGbH, k_nBbKH, v_nBbKH = _query_blocks(q_BKGSH, block), _blocks(k_BSKH, block), _blocks(v_BSKH, block)
     segments_nBb = _blocks(segments_BS, block)
@@ -140,7 +230,7 @@ def _forward(q_BKGSH, k_BSKH, v_BSKH, segments_BS, block, scale):
         i, j = pair
         v_BbKH = _at(v_nBbKH, j)
         s_BKGqk, visible = _scores(_at(q_nBKGbH, i), _at(k_nBbKH, j), _at(segments_nBb, i), _at(segments_nBb, j),
-                                   i * block, j * block, scale)
+                                   i * block, j * block, scores, window)
         s_BKGqk = jnp.where(visible, s_BKGqk, _MASKED)
         m_BKGb = _at(m_nBKGb, i)
         m_new = jnp.maximum(m_BKGb, s_BKGqk.max(-1))
@@ -159,19 +249,19 @@ def _forward(q_BKGSH, k_BSKH, v_BSKH, segments_BS, block, scale):
     return out_BKGSH, _query_unblocks(m_nBKGb + jnp.log(l_nBKGb))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _blockwise(q_BKGSH, k_BSKH, v_BSKH, segments_BS, block, scale):
-    return _forward(q_BKGSH, k_BSKH, v_BSKH, segments_BS, block, scale)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _blockwise(q_BKGSH, k_BSKH, v_BSKH, segments_BS, window, block, scores):
+    return _forward(q_BKGSH, k_BSKH, v_BSKH, segments_BS, window, block, scores)[0]
 
 
-def _blockwise_fwd(q_BKGSH, k_BSKH, v_BSKH, segments_BS, block, scale):
-    out_BKGSH, lse_BKGS = _forward(q_BKGSH, k_BSKH, v_BSKH, segments_BS, block, scale)
+def _blockwise_fwd(q_BKGSH, k_BSKH, v_BSKH, segments_BS, window, block, scores):
+    out_BKGSH, lse_BKGS = _forward(q_BKGSH, k_BSKH, v_BSKH, segments_BS, window, block, scores)
     out_BKGSH, lse_BKGS = checkpoint_name(out_BKGSH, "attention"), checkpoint_name(lse_BKGS, "attention_lse")
-    return out_BKGSH, (q_BKGSH, k_BSKH, v_BSKH, segments_BS, out_BKGSH, lse_BKGS)
+    return out_BKGSH, (q_BKGSH, k_BSKH, v_BSKH, segments_BS, window, out_BKGSH, lse_BKGS)
 
 
-def _blockwise_bwd(block, scale, residuals, dout_BKGSH):
-    q_BKGSH, k_BSKH, v_BSKH, segments_BS, out_BKGSH, lse_BKGS = residuals
+def _blockwise_bwd(block, scores, residuals, dout_BKGSH):
+    q_BKGSH, k_BSKH, v_BSKH, segments_BS, window, out_BKGSH, lse_BKGS = residuals
     dout_BKGSH = dout_BKGSH.astype(jnp.float32)
     delta_BKGS = (dout_BKGSH * out_BKGSH.astype(jnp.float32)).sum(-1)
     q_nBKGbH = _query_blocks(q_BKGSH.astype(jnp.float32), block)
@@ -184,11 +274,12 @@ def _blockwise_bwd(block, scale, residuals, dout_BKGSH):
         i, j = pair
         q_BKGbH, k_BbKH, v_BbKH, dout_BKGbH = _at(q_nBKGbH, i), _at(k_nBbKH, j), _at(v_nBbKH, j), _at(dout_nBKGbH, i)
         s_BKGqk, visible = _scores(q_BKGbH, k_BbKH, _at(segments_nBb, i), _at(segments_nBb, j), i * block,
-                                   j * block, scale)
+                                   j * block, scores, window)
         p_BKGqk = jnp.where(visible, jnp.exp(s_BKGqk - _at(lse_nBKGb, i)[..., None]), 0.0)
         dv_BbKH = jnp.einsum("bkgqs,bkgqh->bskh", p_BKGqk, dout_BKGbH)
         dp_BKGqk = jnp.einsum("bkgqh,bskh->bkgqs", dout_BKGbH, v_BbKH)
-        ds_BKGqk = p_BKGqk * (dp_BKGqk - _at(delta_nBKGb, i)[..., None]) * scale
+        ds_BKGqk = p_BKGqk * (dp_BKGqk - _at(delta_nBKGb, i)[..., None]) * scores.capped_slope(s_BKGqk)
+        ds_BKGqk = ds_BKGqk * scores.scale
         dq_BKGbH = jnp.einsum("bkgqs,bskh->bkgqh", ds_BKGqk, k_BbKH)
         dk_BbKH = jnp.einsum("bkgqs,bkgqh->bskh", ds_BKGqk, q_BKGbH)
         return (_put(dq_nBKGbH, _at(dq_nBKGbH, i) + dq_BKGbH, i), _put(dk_nBbKH, _at(dk_nBbKH, j) + dk_BbKH, j),
@@ -197,7 +288,7 @@ def _blockwise_bwd(block, scale, residuals, dout_BKGSH):
     init = (jnp.zeros_like(q_nBKGbH), jnp.zeros_like(k_nBbKH), jnp.zeros_like(v_nBbKH))
     (dq_nBKGbH, dk_nBbKH, dv_nBbKH), _ = jax.lax.scan(step, init, _visible_pairs(q_nBKGbH.shape[0]))
     return (_query_unblocks(dq_nBKGbH).astype(q_BKGSH.dtype), _unblocks(dk_nBbKH).astype(k_BSKH.dtype),
-            _unblocks(dv_nBbKH).astype(v_BSKH.dtype), None)
+            _unblocks(dv_nBbKH).astype(v_BSKH.dtype), None, None)
 
 
 _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)

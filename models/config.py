@@ -1,6 +1,7 @@
 """The shape of a decoder model: read from a Hugging Face config.json or a named preset.
 
-One frozen dataclass covers the Llama, Mistral and Qwen2 families. `from_pretrained` reads the
+One frozen dataclass covers every family (Llama, Mistral, Qwen2, Qwen3, Gemma 2, GPT-2, Baichuan 2);
+what sets a family apart from Llama is in `families.py`. `from_pretrained` reads the
 config.json of a Hugging Face directory (transformers 4 or 5 layout), `to_hf_dict` writes one that
 `transformers.AutoConfig` reads back. `param_count` and `flops_per_token` serve the planner and MFU.
 """
@@ -16,7 +17,10 @@ import jax.numpy as jnp
 
 from moai_jax.errors import ModelConfigError
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+from moai_jax.models.families import (ACTIVATIONS, FAMILIES, Family, family_fields_from_hf, family_to_hf,
+                                     gpt2_fields_from_hf)
+
+ARCHITECTURES = {model_type: family.architecture for model_type, family in FAMILIES.items()}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ROPE_TYPES = ("default", "llama3")
 
@@ -51,6 +55,11 @@ class ModelConfig:
     sliding_window: int | None = None
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
+    hidden_act: str = "silu"  # the MLP's activation (GPT-2 and Gemma 2 use GELU variants)
+    query_pre_attn_scalar: float | None = None  # attention scale is its -1/2 power (Gemma 2); None: head_dim
+    attn_logit_softcapping: float | None = None  # Gemma 2: scores → cap · tanh(scores / cap)
+    final_logit_softcapping: float | None = None  # Gemma 2: logits → cap · tanh(logits / cap)
+    alibi: bool = False  # Baichuan 2 13B: ALiBi attention biases instead of rotary positions
 
     def __post_init__(self) -> None:
         if self.model_type not in ARCHITECTURES:
@@ -64,11 +73,20 @@ class ModelConfig:
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in ROPE_TYPES:
             raise ModelConfigError(f"unsupported rope_scaling type {rope_type!r}; supported: {', '.join(ROPE_TYPES)}")
-        if self.attention_bias and self.model_type != "qwen2":
+        if self.attention_bias and self.model_type not in ("qwen2", "gpt2"):
             raise ModelConfigError(
-                f"attention_bias is only supported for qwen2 (q/k/v bias), not {self.model_type}; "
+                f"attention_bias is only supported for qwen2 and gpt2, not {self.model_type}; "
                 "Llama's attention_bias also puts a bias on o_proj, which moai_jax does not model"
             )
+        if self.hidden_act not in ACTIVATIONS:
+            raise ModelConfigError(f"unsupported hidden_act {self.hidden_act!r}; supported: {', '.join(ACTIVATIONS)}")
+        if self.alibi and self.model_type != "baichuan":
+            raise ModelConfigError(f"alibi is only supported for baichuan (Baichuan 2 13B), not {self.model_type}")
+
+    @property
+    def family(self) -> Family:
+        """What sets this model's family apart from Llama."""
+        return FAMILIES[self.model_type]
 
     def __hash__(self) -> int:
         return hash(json.dumps(dataclasses.asdict(self), sort_keys=True))
@@ -110,35 +128,49 @@ class ModelConfig:
                 f"{source}: unsupported model_type {model_type!r}; supported: "
                 + ", ".join(f"{t} ({a})" for t, a in ARCHITECTURES.items())
             )
-        if hf.get("hidden_act", "silu") != "silu" or hf.get("mlp_bias", False):
-            raise ModelConfigError(f"{source}: only a SwiGLU MLP without bias (hidden_act 'silu') is supported")
+        try:
+            return cls._build(cls._fields_from_hf(model_type, hf, source), source)
+        except KeyError as e:
+            raise ModelConfigError(f"{source} has no {e.args[0]!r}, which a {model_type} config.json needs") from e
+
+    @staticmethod
+    def _fields_from_hf(model_type: str, hf: dict, source: str) -> dict:
+        if model_type == "gpt2":  # GPT-2's config.json names everything its own way
+            return gpt2_fields_from_hf(hf, source)
+        family = family_fields_from_hf(model_type, hf, source)  # the keys Llama's config does not have
+        if hf.get("mlp_bias", False):
+            raise ModelConfigError(f"{source}: an MLP with bias (mlp_bias) is not supported")
         rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
         rope_theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
         rope.setdefault("rope_type", rope.pop("type", "default"))
         sliding_window = hf.get("sliding_window")
-        if model_type == "qwen2" and not hf.get("use_sliding_window", False):
+        if model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
             sliding_window = None
         num_heads = hf["num_attention_heads"]
+        return dict(
+            model_type=model_type,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            rope_theta=rope_theta,
+            rope_scaling=None if rope["rope_type"] == "default" else rope,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            attention_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
+            sliding_window=sliding_window,
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"),
+        ) | family
+
+    @classmethod
+    def _build(cls, fields: dict, source: str) -> ModelConfig:
         try:
-            return cls(
-                model_type=model_type,
-                vocab_size=hf["vocab_size"],
-                hidden_size=hf["hidden_size"],
-                intermediate_size=hf["intermediate_size"],
-                num_layers=hf["num_hidden_layers"],
-                num_heads=num_heads,
-                num_kv_heads=hf.get("num_key_value_heads") or num_heads,
-                head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
-                max_position_embeddings=hf.get("max_position_embeddings", 2048),
-                rope_theta=rope_theta,
-                rope_scaling=None if rope["rope_type"] == "default" else rope,
-                rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-                tie_word_embeddings=hf.get("tie_word_embeddings", False),
-                attention_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
-                sliding_window=sliding_window,
-                bos_token_id=hf.get("bos_token_id"),
-                eos_token_id=hf.get("eos_token_id"),
-            )
+            return cls(**fields)
         except ModelConfigError as e:
             raise ModelConfigError(f"{source}: {e}") from e
 
@@ -155,7 +187,7 @@ class ModelConfig:
             "num_attention_heads": self.num_heads,
             "num_key_value_heads": self.num_kv_heads,
             "head_dim": self.head_dim,
-            "hidden_act": "silu",
+            "hidden_act": self.hidden_act,
             "max_position_embeddings": self.max_position_embeddings,
             "rope_theta": self.rope_theta,
             "rope_scaling": self.rope_scaling,
@@ -169,20 +201,30 @@ class ModelConfig:
             hf |= {"attention_bias": False, "mlp_bias": False}
         if self.model_type == "mistral":
             hf["sliding_window"] = self.sliding_window
-        if self.model_type == "qwen2":
+        if self.model_type in ("qwen2", "qwen3"):
             hf |= {"use_sliding_window": self.sliding_window is not None, "sliding_window": self.sliding_window}
-        return hf
+        if self.model_type == "qwen3":
+            hf["attention_bias"] = False
+        return family_to_hf(self, hf)
 
 
 def param_count(config: ModelConfig) -> int:
     """Exact number of parameters, as Hugging Face counts them (lm_head only when untied)."""
-    c = config
+    c, f = config, config.family
     q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     attention = c.hidden_size * (2 * q_out + 2 * kv_out) + (q_out + 2 * kv_out if c.attention_bias else 0)
-    mlp = 3 * c.hidden_size * c.intermediate_size
-    layer = attention + mlp + 2 * c.hidden_size
+    attention += (c.hidden_size if f.output_bias else 0) + (2 * c.head_dim if f.qk_norm else 0)
+    mlp = _mlp_matrices(c) * c.hidden_size * c.intermediate_size
+    mlp += 0 if f.gated_mlp else c.intermediate_size + c.hidden_size  # GPT-2's MLP biases
+    norm = c.hidden_size * (2 if f.norm == "layer" else 1)  # LayerNorm has a bias too
+    layer = attention + mlp + (4 if f.sandwich_norms else 2) * norm
     embeddings = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
-    return c.num_layers * layer + embeddings + c.hidden_size
+    positions = c.max_position_embeddings * c.hidden_size if f.learned_positions else 0
+    return c.num_layers * layer + embeddings + positions + norm
+
+
+def _mlp_matrices(config: ModelConfig) -> int:
+    return 3 if config.family.gated_mlp else 2
 
 
 def flops_per_token(config: ModelConfig, seq_len: int) -> float:
@@ -197,7 +239,7 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
     """
     c = config
     q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    per_layer = c.hidden_size * (2 * q_out + 2 * kv_out) + 3 * c.hidden_size * c.intermediate_size
+    per_layer = c.hidden_size * (2 * q_out + 2 * kv_out) + _mlp_matrices(c) * c.hidden_size * c.intermediate_size
     matmul_params = c.num_layers * per_layer + c.vocab_size * c.hidden_size
     attention = 6 * c.num_layers * seq_len * c.num_heads * c.head_dim
     return float(6 * matmul_params + attention)

@@ -3,7 +3,9 @@
 `load_pretrained` builds the Decoder abstractly, then reads each safetensors tensor on its own,
 turns it into the Decoder's layout (stacked over layers, heads split out, [in, out] matmuls) and
 places it straight onto its target sharding, so a checkpoint never sits whole on one device.
-`save_pretrained` writes the reverse, gathering one layer of one parameter at a time.
+`save_pretrained` writes the reverse, gathering one layer of one parameter at a time. Each family
+names its tensors its own way (`_family_tensors`); fused projections (GPT-2's c_attn, Baichuan's
+W_pack) are split into q/k/v on the way in and joined on the way out.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class _Layout:
     to_ours: Callable[[np.ndarray], np.ndarray]
     to_hf: Callable[[np.ndarray], np.ndarray]
     hf_shape: Callable[[tuple[int, ...]], tuple[int, ...]]
+    fused_axis: int = 0  # where a fused Hugging Face tensor (q, k, v side by side) joins its parts
 
 
 def _layouts(head_dim: int) -> dict[str, _Layout]:
@@ -58,6 +61,18 @@ def _layouts(head_dim: int) -> dict[str, _Layout]:
         ),
         # q/k/v bias: HF [heads * head_dim] ↔ ours [heads, head_dim]
         "bias": _Layout(lambda a: a.reshape(-1, head_dim), lambda a: a.reshape(-1), lambda s: (s[0] * s[1],)),
+        # GPT-2's Conv1D stores [in, out]: q/k/v [embed, heads * head_dim], o [heads * head_dim, embed]
+        "conv_into_heads": _Layout(
+            lambda a: a.reshape(a.shape[0], -1, head_dim),
+            lambda a: a.reshape(a.shape[0], -1),
+            lambda s: (s[0], s[1] * s[2]),
+            fused_axis=1,
+        ),
+        "conv_from_heads": _Layout(
+            lambda a: a.reshape(-1, head_dim, a.shape[1]),
+            lambda a: a.reshape(-1, a.shape[-1]),
+            lambda s: (s[0] * s[1], s[2]),
+        ),
     }
 
 
@@ -74,12 +89,58 @@ _LAYER_TENSORS = {  # Hugging Face name inside model.layers.{i} → (Decoder pat
     "mlp.down_proj.weight": (("mlp", "down_proj"), "transposed"),
     "input_layernorm.weight": (("input_norm", "weight"), "same"),
     "post_attention_layernorm.weight": (("post_attention_norm", "weight"), "same"),
+    "self_attn.q_norm.weight": (("attention", "q_norm", "weight"), "same"),  # Qwen3
+    "self_attn.k_norm.weight": (("attention", "k_norm", "weight"), "same"),
 }
 _MODEL_TENSORS = {
     "model.embed_tokens.weight": (("embedding",), "same"),
     "model.norm.weight": (("final_norm", "weight"), "same"),
     "lm_head.weight": (("lm_head",), "transposed"),
 }
+_QKV = ("q_proj", "k_proj", "v_proj")
+_GPT2_LAYER = {  # a list of parts: one fused tensor, split equally along the layout's fused_axis
+    "ln_1.weight": (("input_norm", "weight"), "same"),
+    "ln_1.bias": (("input_norm", "bias"), "same"),
+    "attn.c_attn.weight": [(("attention", name), "conv_into_heads") for name in _QKV],
+    "attn.c_attn.bias": [(("attention", name), "bias") for name in ("q_bias", "k_bias", "v_bias")],
+    "attn.c_proj.weight": (("attention", "o_proj"), "conv_from_heads"),
+    "attn.c_proj.bias": (("attention", "o_bias"), "same"),
+    "ln_2.weight": (("post_attention_norm", "weight"), "same"),
+    "ln_2.bias": (("post_attention_norm", "bias"), "same"),
+    "mlp.c_fc.weight": (("mlp", "up_proj"), "same"),
+    "mlp.c_fc.bias": (("mlp", "up_bias"), "same"),
+    "mlp.c_proj.weight": (("mlp", "down_proj"), "same"),
+    "mlp.c_proj.bias": (("mlp", "down_bias"), "same"),
+}
+_GPT2_MODEL = {
+    "transformer.wte.weight": (("embedding",), "same"),
+    "transformer.wpe.weight": (("position_embedding",), "same"),
+    "transformer.ln_f.weight": (("final_norm", "weight"), "same"),
+    "transformer.ln_f.bias": (("final_norm", "bias"), "same"),
+    "lm_head.weight": (("lm_head",), "transposed"),
+}
+_GEMMA2_NORMS = {  # Gemma 2's post_attention_layernorm norms the attention's output; ours is the MLP's input norm
+    "post_attention_layernorm.weight": (("attention_output_norm", "weight"), "same"),
+    "pre_feedforward_layernorm.weight": (("post_attention_norm", "weight"), "same"),
+    "post_feedforward_layernorm.weight": (("mlp_output_norm", "weight"), "same"),
+}
+_BAICHUAN_LAYER = {
+    **{k: v for k, v in _LAYER_TENSORS.items() if not k.startswith(("self_attn.q_", "self_attn.k_", "self_attn.v_"))},
+    "self_attn.W_pack.weight": [(("attention", name), "into_heads") for name in _QKV],
+}
+# GPT-2 as OpenAI published it: no "transformer." prefix, and causal-mask buffers saved with the weights.
+_GPT2_BUFFERS = (".attn.bias", ".attn.masked_bias")
+
+
+def _family_tensors(model_type: str) -> tuple[dict, str, dict]:
+    """(model-level tensors, the per-layer prefix, per-layer tensors) of a family's checkpoints."""
+    if model_type == "gpt2":
+        return _GPT2_MODEL, "transformer.h.{i}.", _GPT2_LAYER
+    if model_type == "gemma2":
+        return _MODEL_TENSORS, "model.layers.{i}.", _LAYER_TENSORS | _GEMMA2_NORMS
+    if model_type == "baichuan":
+        return _MODEL_TENSORS, "model.layers.{i}.", _BAICHUAN_LAYER
+    return _MODEL_TENSORS, "model.layers.{i}.", _LAYER_TENSORS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,17 +151,24 @@ class _Tensor:
     hf_names: tuple[str, ...]
     layout: _Layout
     stacked: bool
+    part: tuple[int, int] = (0, 1)  # (which, of how many) parts of a fused Hugging Face tensor
+
+    def hf_part(self, array: np.ndarray) -> np.ndarray:
+        """This parameter's part of a (possibly fused) Hugging Face tensor."""
+        which, count = self.part
+        return array if count == 1 else np.split(array, count, axis=self.layout.fused_axis)[which]
 
 
 def _tensors(config: ModelConfig, params: dict) -> list[_Tensor]:
     """The parameters present in `params` (a pure dict of the Decoder's state), in Hugging Face order."""
     layouts = _layouts(config.head_dim)
-    tensors = [_Tensor(path, (name,), layouts[kind], False) for name, (path, kind) in _MODEL_TENSORS.items()]
-    tensors += [
-        _Tensor(("layers", *path), tuple(f"model.layers.{i}.{name}" for i in range(config.num_layers)),
-                layouts[kind], True)
-        for name, (path, kind) in _LAYER_TENSORS.items()
-    ]
+    model_tensors, prefix, layer_tensors = _family_tensors(config.model_type)
+    tensors = [_Tensor(path, (name,), layouts[kind], False) for name, (path, kind) in model_tensors.items()]
+    for name, parts in layer_tensors.items():
+        parts = parts if isinstance(parts, list) else [parts]
+        names = tuple(prefix.format(i=i) + name for i in range(config.num_layers))
+        tensors += [_Tensor(("layers", *path), names, layouts[kind], True, (which, len(parts)))
+                    for which, (path, kind) in enumerate(parts)]
     return [t for t in tensors if _has(params, t.path)]
 
 
@@ -151,19 +219,29 @@ class _Checkpoint:
         if files is None:
             files = {name: SINGLE_FILE for name in handles[SINGLE_FILE].keys()}
         self.path, self.files, self.handles = path, files, handles
+        self.stored: dict[str, str] = {}  # our name → the name in the file, where they differ
+
+    def add_missing_prefix(self, prefix: str, marker: str) -> None:
+        """Checkpoints saved from a base model (OpenAI's GPT-2: "wte.weight") lack the prefix the LM head adds."""
+        if marker in self.files and prefix + marker not in self.files:
+            self.stored = {prefix + name: name for name in self.files}
+            self.files = {prefix + name: file for name, file in self.files.items()}
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.handles[self.files[name]].get_slice(name).get_shape())
+        name_in_file = self.stored.get(name, name)
+        return tuple(self.handles[self.files[name]].get_slice(name_in_file).get_shape())
 
     def read(self, name: str) -> np.ndarray:
-        return self.handles[self.files[name]].get_tensor(name)
+        return self.handles[self.files[name]].get_tensor(self.stored.get(name, name))
 
     def check(self, config: ModelConfig, tensors: list[_Tensor], params: dict) -> None:
         """Every expected tensor is there with the shape config.json implies, and nothing else."""
         expected = set()
         for tensor in tensors:
             our_shape = _get(params, tensor.path).shape[1:] if tensor.stacked else _get(params, tensor.path).shape
-            want = tensor.layout.hf_shape(tuple(our_shape))
+            want = list(tensor.layout.hf_shape(tuple(our_shape)))
+            want[tensor.layout.fused_axis] *= tensor.part[1]
+            want = tuple(want)
             for name in tensor.hf_names:
                 expected.add(name)
                 if name not in self.files:
@@ -181,7 +259,8 @@ class _Checkpoint:
                         "make config.json match the weights"
                     )
         ignored = {"lm_head.weight"} if config.tie_word_embeddings else set()
-        extra = sorted(n for n in self.files if n not in expected | ignored and not n.endswith(_IGNORED_SUFFIXES))
+        extra = sorted(n for n in self.files if n not in expected | ignored
+                       and not n.endswith(_IGNORED_SUFFIXES + (_GPT2_BUFFERS if config.model_type == "gpt2" else ())))
         if extra:
             raise WeightsError(
                 f"{self.source} has tensors a {config.model_type} model with this config.json does not use: "
@@ -191,9 +270,9 @@ class _Checkpoint:
     def host_slice(self, tensor: _Tensor, index: tuple[slice, ...], dtype) -> np.ndarray:
         """The part `index` of a Decoder parameter, read from the checkpoint layer by layer."""
         if not tensor.stacked:
-            return tensor.layout.to_ours(self.read(tensor.hf_names[0]))[index].astype(dtype)
+            return tensor.layout.to_ours(tensor.hf_part(self.read(tensor.hf_names[0])))[index].astype(dtype)
         names = tensor.hf_names[index[0]]
-        layers = [tensor.layout.to_ours(self.read(name))[index[1:]].astype(dtype) for name in names]
+        layers = [tensor.layout.to_ours(tensor.hf_part(self.read(name)))[index[1:]].astype(dtype) for name in names]
         return np.stack(layers)
 
 
@@ -232,6 +311,8 @@ def load_pretrained(path: str | Path, dtype=jnp.float32, param_dtype=jnp.float32
     tensors = _tensors(config, params)
     with contextlib.ExitStack() as stack:
         checkpoint = _Checkpoint(path, stack)
+        if config.model_type == "gpt2":
+            checkpoint.add_missing_prefix("transformer.", "wte.weight")
         checkpoint.check(config, tensors, params)
         for tensor in tensors:
             target = _get(params, tensor.path)
@@ -244,15 +325,22 @@ def load_pretrained(path: str | Path, dtype=jnp.float32, param_dtype=jnp.float32
 def _hf_tensors(model: Decoder, dtype):
     """(Hugging Face name, shape, a function that gathers it to host) for every tensor, in order."""
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    parts: dict[str, list] = {}  # Hugging Face name → (its parts' layout, a function that reads one) in order
     for tensor in _tensors(model.config, params):
         value = _get(params, tensor.path)
-        shape = tensor.layout.hf_shape(tuple(value.shape[1:] if tensor.stacked else value.shape))
         for i, name in enumerate(tensor.hf_names):
-            part = (lambda v=value, i=i: v[i]) if tensor.stacked else (lambda v=value: v)
-            gather = lambda part=part, layout=tensor.layout: np.ascontiguousarray(  # noqa: E731
-                layout.to_hf(np.asarray(jax.device_get(part()))).astype(dtype)
-            )
-            yield name, shape, gather
+            read = (lambda v=value, i=i: v[i]) if tensor.stacked else (lambda v=value: v)
+            parts.setdefault(name, []).append((tensor.layout, read))
+    for name, pieces in parts.items():
+        layout = pieces[0][0]
+
+        def gather(pieces=pieces, axis=layout.fused_axis):
+            hf = [layout.to_hf(np.asarray(jax.device_get(read()))) for layout, read in pieces]
+            return np.ascontiguousarray((hf[0] if len(hf) == 1 else np.concatenate(hf, axis)).astype(dtype))
+
+        shape = list(layout.hf_shape(tuple(jax.eval_shape(pieces[0][1]).shape)))
+        shape[layout.fused_axis] *= len(pieces)
+        yield name, tuple(shape), gather
 
 
 def save_pretrained(model: Decoder, path: str | Path, dtype=None, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:

@@ -1,7 +1,8 @@
 """The decoder of the Llama, Mistral and Qwen2 families, in Flax NNX, written for one device.
 
 RMSNorm, rotary positions (with Llama 3 scaling), grouped-query attention (q/k/v bias for Qwen2),
-SwiGLU. Every parameter carries logical axis names and the layers are stacked along a leading
+SwiGLU. The other families (Qwen3, Gemma 2, GPT-2, Baichuan 2) change the parts `config.family`
+names (families.py); GPT-2's LayerNorm and position table live in gpt2.py. Every parameter carries logical axis names and the layers are stacked along a leading
 `layers` axis and run with one `jax.lax.scan`, so compile time does not grow with depth. Activations
 at layer boundaries are constrained by logical name; the model never sees a mesh.
 """
@@ -19,6 +20,7 @@ from jax.ad_checkpoint import checkpoint_name
 from moai_jax.errors import ModelConfigError
 from moai_jax.models import attention as attention_lib
 from moai_jax.models.config import ModelConfig
+from moai_jax.models.families import ACTIVATIONS
 from moai_jax.models.pipeline import pipelined_layers
 from moai_jax.sharding.annotate import constrain
 
@@ -63,15 +65,30 @@ def apply_rotary(x_BTNH, cos_BTH, sin_BTH):
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, config: ModelConfig, *, dtype, param_dtype):
-        self.weight = nnx.Param(jnp.ones((config.hidden_size,), param_dtype), out_sharding=("embed",),
-                                eager_sharding=False)
+    """Over the hidden size, or over each head (`per_head`, Qwen3's q/k norms). Gemma scales by 1 + w."""
+
+    def __init__(self, config: ModelConfig, *, dtype, param_dtype, per_head: bool = False):
+        size, names = (config.head_dim, ("head_dim",)) if per_head else (config.hidden_size, ("embed",))
+        self.plus_one = config.family.norm == "rms_plus_one"
+        init = jnp.zeros if self.plus_one else jnp.ones
+        self.weight = nnx.Param(init((size,), param_dtype), out_sharding=names, eager_sharding=False)
         self.eps, self.dtype = config.rms_norm_eps, dtype
 
     def __call__(self, x_BTE):
         x32_BTE = x_BTE.astype(jnp.float32)
         normed = x32_BTE * jax.lax.rsqrt(jnp.mean(x32_BTE**2, axis=-1, keepdims=True) + self.eps)
+        if self.plus_one:  # Gemma multiplies in float32, then casts
+            return (normed * (1.0 + self.weight[...].astype(jnp.float32))).astype(self.dtype)
         return normed.astype(self.dtype) * self.weight[...].astype(self.dtype)
+
+
+def _norm(config: ModelConfig, *, dtype, param_dtype):
+    """The family's normalization over the hidden size: RMSNorm, or GPT-2's LayerNorm."""
+    if config.family.norm == "layer":
+        from moai_jax.models.gpt2 import LayerNorm
+
+        return LayerNorm(config, dtype=dtype, param_dtype=param_dtype)
+    return RMSNorm(config, dtype=dtype, param_dtype=param_dtype)
 
 
 class Attention(nnx.Module):
@@ -86,7 +103,12 @@ class Attention(nnx.Module):
             self.q_bias = _param(rngs, (n, h), ("heads", "head_dim"), param_dtype, zeros)
             self.k_bias = _param(rngs, (k, h), ("kv_heads", "head_dim"), param_dtype, zeros)
             self.v_bias = _param(rngs, (k, h), ("kv_heads", "head_dim"), param_dtype, zeros)
-        self.attention_bias, self.dtype = config.attention_bias, dtype
+        if config.family.output_bias:
+            self.o_bias = _param(rngs, (e,), ("embed",), param_dtype, nnx.initializers.zeros)
+        if config.family.qk_norm:
+            self.q_norm = RMSNorm(config, dtype=dtype, param_dtype=param_dtype, per_head=True)
+            self.k_norm = RMSNorm(config, dtype=dtype, param_dtype=param_dtype, per_head=True)
+        self.attention_bias, self.dtype, self.config = config.attention_bias, dtype, config
 
     def _project(self, x_BTE, weight, bias, heads: str, name: str):
         y_BTNH = jnp.einsum("bte,enh->btnh", x_BTE, weight[...].astype(self.dtype))
@@ -94,46 +116,77 @@ class Attention(nnx.Module):
             y_BTNH = y_BTNH + bias[...].astype(self.dtype)
         return checkpoint_name(constrain(y_BTNH, ("batch", "length", heads, "head_dim")), name)
 
-    def __call__(self, x_BTE, cos_BTH, sin_BTH, segment_ids_BT, implementation: str):
-        bias = self.attention_bias
+    def __call__(self, x_BTE, cos_BTH, sin_BTH, segment_ids_BT, implementation: str, window=None):
+        """`cos_BTH`/`sin_BTH` None: no rotary positions (GPT-2, ALiBi). `window`: this layer's sliding window."""
+        bias, c = self.attention_bias, self.config
         q_BTNH = self._project(x_BTE, self.q_proj, self.q_bias if bias else None, "heads", "query")
         k_BTKH = self._project(x_BTE, self.k_proj, self.k_bias if bias else None, "kv_heads", "key")
         v_BTKH = self._project(x_BTE, self.v_proj, self.v_bias if bias else None, "kv_heads", "value")
-        cos_BTH, sin_BTH = cos_BTH.astype(self.dtype), sin_BTH.astype(self.dtype)
-        q_BTNH, k_BTKH = apply_rotary(q_BTNH, cos_BTH, sin_BTH), apply_rotary(k_BTKH, cos_BTH, sin_BTH)
-        out_BTNH = attention_lib.attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, implementation=implementation)
+        if c.family.qk_norm:
+            q_BTNH, k_BTKH = self.q_norm(q_BTNH), self.k_norm(k_BTKH)
+        if cos_BTH is not None:
+            cos_BTH, sin_BTH = cos_BTH.astype(self.dtype), sin_BTH.astype(self.dtype)
+            q_BTNH, k_BTKH = apply_rotary(q_BTNH, cos_BTH, sin_BTH), apply_rotary(k_BTKH, cos_BTH, sin_BTH)
+        out_BTNH = attention_lib.attention(
+            q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, implementation=implementation,
+            scale=(c.query_pre_attn_scalar or c.head_dim) ** -0.5, softcap=c.attn_logit_softcapping,
+            window=window, alibi_slopes=attention_lib.alibi_slopes(c.num_heads) if c.alibi else None,
+        )
         out_BTNH = constrain(out_BTNH, ("batch", "length", "heads", "head_dim"))
         y_BTE = jnp.einsum("btnh,nhe->bte", out_BTNH, self.o_proj[...].astype(self.dtype))
+        if c.family.output_bias:
+            y_BTE = y_BTE + self.o_bias[...].astype(self.dtype)
         return checkpoint_name(y_BTE, "out")
 
 
 class MLP(nnx.Module):
+    """Gated: down(act(gate x) · up x). Not gated (GPT-2): down(act(up x + b)) + b."""
+
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
         e, f = config.hidden_size, config.intermediate_size
-        self.gate_proj = _param(rngs, (e, f), ("embed", "mlp"), param_dtype)
+        self.gated = config.family.gated_mlp
+        if self.gated:
+            self.gate_proj = _param(rngs, (e, f), ("embed", "mlp"), param_dtype)
         self.up_proj = _param(rngs, (e, f), ("embed", "mlp"), param_dtype)
         self.down_proj = _param(rngs, (f, e), ("mlp", "embed"), param_dtype)
-        self.dtype = dtype
+        if not self.gated:
+            self.up_bias = _param(rngs, (f,), ("mlp",), param_dtype, nnx.initializers.zeros)
+            self.down_bias = _param(rngs, (e,), ("embed",), param_dtype, nnx.initializers.zeros)
+        self.dtype, self.activation = dtype, ACTIVATIONS[config.hidden_act]
 
     def __call__(self, x_BTE):
-        gate_BTF = checkpoint_name(x_BTE @ self.gate_proj[...].astype(self.dtype), "gate")
         up_BTF = checkpoint_name(x_BTE @ self.up_proj[...].astype(self.dtype), "up")
-        h_BTF = constrain(jax.nn.silu(gate_BTF) * up_BTF, ("batch", "length", "mlp"))
-        return checkpoint_name(h_BTF @ self.down_proj[...].astype(self.dtype), "down")
+        if self.gated:
+            gate_BTF = checkpoint_name(x_BTE @ self.gate_proj[...].astype(self.dtype), "gate")
+            h_BTF = self.activation(gate_BTF) * up_BTF
+        else:
+            h_BTF = self.activation(up_BTF + self.up_bias[...].astype(self.dtype))
+        h_BTF = constrain(h_BTF, ("batch", "length", "mlp"))
+        y_BTE = checkpoint_name(h_BTF @ self.down_proj[...].astype(self.dtype), "down")
+        return y_BTE if self.gated else y_BTE + self.down_bias[...].astype(self.dtype)
 
 
 class Block(nnx.Module):
-    """One decoder layer: pre-norm attention and pre-norm MLP, each added to the residual."""
+    """One decoder layer: pre-norm attention and pre-norm MLP, each added to the residual.
+
+    With sandwich norms (Gemma 2) the attention's and the MLP's outputs are normed too before the add.
+    """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
-        self.input_norm = RMSNorm(config, dtype=dtype, param_dtype=param_dtype)
+        self.input_norm = _norm(config, dtype=dtype, param_dtype=param_dtype)
         self.attention = Attention(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.post_attention_norm = RMSNorm(config, dtype=dtype, param_dtype=param_dtype)
+        self.post_attention_norm = _norm(config, dtype=dtype, param_dtype=param_dtype)
         self.mlp = MLP(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.sandwich = config.family.sandwich_norms
+        if self.sandwich:
+            self.attention_output_norm = _norm(config, dtype=dtype, param_dtype=param_dtype)
+            self.mlp_output_norm = _norm(config, dtype=dtype, param_dtype=param_dtype)
 
-    def __call__(self, x_BTE, cos_BTH, sin_BTH, segment_ids_BT, implementation: str):
-        x_BTE = x_BTE + self.attention(self.input_norm(x_BTE), cos_BTH, sin_BTH, segment_ids_BT, implementation)
-        x_BTE = x_BTE + self.mlp(self.post_attention_norm(x_BTE))
+    def __call__(self, x_BTE, cos_BTH, sin_BTH, segment_ids_BT, implementation: str, window=None):
+        y_BTE = self.attention(self.input_norm(x_BTE), cos_BTH, sin_BTH, segment_ids_BT, implementation, window)
+        x_BTE = x_BTE + (self.attention_output_norm(y_BTE) if self.sandwich else y_BTE)
+        y_BTE = self.mlp(self.post_attention_norm(x_BTE))
+        x_BTE = x_BTE + (self.mlp_output_norm(y_BTE) if self.sandwich else y_BTE)
         return constrain(x_BTE, ("batch", "length", "embed"))
 
 
@@ -168,8 +221,11 @@ class Decoder(nnx.Module):
         self.remat, self.attention = remat, attention
         self.pipeline_stages, self.pipeline_micro_batches = 1, 1
         self.embedding = _param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), param_dtype)
+        if config.family.learned_positions:
+            self.position_embedding = _param(rngs, (config.max_position_embeddings, config.hidden_size),
+                                             (None, "embed"), param_dtype)
         self.layers = _stacked_blocks(config, rngs, dtype, param_dtype)
-        self.final_norm = RMSNorm(config, dtype=dtype, param_dtype=param_dtype)
+        self.final_norm = _norm(config, dtype=dtype, param_dtype=param_dtype)
         if not config.tie_word_embeddings:
             self.lm_head = _param(rngs, (config.hidden_size, config.vocab_size), ("embed", "vocab"), param_dtype)
 
@@ -182,30 +238,40 @@ class Decoder(nnx.Module):
         _check_choice("remat", self.remat, REMAT_POLICIES)
         implementation = attention_lib.resolve(self.attention, self.dtype, c.head_dim)
         batch, length = input_ids_BT.shape
-        if c.sliding_window is not None and length > c.sliding_window:
+        if c.sliding_window is not None and length > c.sliding_window and not c.family.alternating_window:
             raise ModelConfigError(
                 f"sequence length {length} exceeds {c.model_type}'s sliding window of {c.sliding_window}; "
                 f"use seq_len <= {c.sliding_window}"
             )
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
-        cos_BTH, sin_BTH = rotary(positions, rope_frequencies(c))
+        rotary_positions = not (c.family.learned_positions or c.alibi)
+        cos_BTH, sin_BTH = rotary(positions, rope_frequencies(c)) if rotary_positions else (None, None)
 
         # Like every weight under FSDP, the table is gathered for its use (over fsdp, not over tensor):
         # looked up from embed-sharded rows, the result would need a reshuffle XLA only does by replicating it.
         table_VE = constrain(self.embedding[...].astype(self.dtype), ("vocab", None))
         x_BTE = jnp.take(table_VE, input_ids_BT, axis=0)
+        if c.family.scaled_embeddings:
+            x_BTE = x_BTE * jnp.asarray(c.hidden_size**0.5, self.dtype)
+        if c.family.learned_positions:
+            x_BTE = x_BTE + jnp.take(self.position_embedding[...].astype(self.dtype), positions, axis=0)
         x_BTE = constrain(x_BTE, ("batch", "length", "embed"))
         graphdef, layer_state = nnx.split(self.layers)
+        windows_L = None  # Gemma 2: each layer's sliding window, scanned with its weights (global: longer than any row)
+        if c.family.alternating_window and c.sliding_window is not None:
+            windows_L = jnp.asarray([c.sliding_window if i % 2 == 0 else length + 1 for i in range(c.num_layers)])
 
-        def layer(x_BTE, state, cos_BTH, sin_BTH, segment_ids_BT):
-            return nnx.merge(graphdef, state)(x_BTE, cos_BTH, sin_BTH, segment_ids_BT, implementation)
+        def layer(x_BTE, state_and_window, cos_BTH, sin_BTH, segment_ids_BT):
+            state, window = state_and_window
+            return nnx.merge(graphdef, state)(x_BTE, cos_BTH, sin_BTH, segment_ids_BT, implementation, window)
 
         if self.remat == "matmuls":
             layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.save_only_these_names(*MATMUL_NAMES),
                                    prevent_cse=False)
         elif self.remat == "full":
             layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
+        layer_state = (layer_state, windows_L)  # the windows go with their layers, through the stages too
         if self.pipeline_stages > 1:
             x_BTE = pipelined_layers(layer, layer_state, x_BTE, (cos_BTH, sin_BTH, segment_ids),
                                      stages=self.pipeline_stages, micro_batches=self.pipeline_micro_batches)
@@ -216,10 +282,15 @@ class Decoder(nnx.Module):
 
     def logits(self, hidden_BTE):
         """float32 logits [batch, length, vocab] of hidden states."""
-        if self.config.tie_word_embeddings:
+        c = self.config
+        if c.tie_word_embeddings:
             head_EV = self.embedding[...].T
         else:
             head_EV = self.lm_head[...]
+        if c.family.normalized_head:  # Baichuan 2: F.normalize of each vocab row
+            head_EV = head_EV / jnp.maximum(jnp.linalg.norm(head_EV, axis=0, keepdims=True), 1e-12)
         logits_BTV = jnp.einsum("bte,ev->btv", hidden_BTE, head_EV.astype(self.dtype),
                                 preferred_element_type=jnp.float32)
+        if c.final_logit_softcapping is not None:
+            logits_BTV = c.final_logit_softcapping * jnp.tanh(logits_BTV / c.final_logit_softcapping)
         return constrain(logits_BTV, ("batch", "length", "vocab"))

@@ -55,8 +55,8 @@ def test_config_without_model_type(checkpoint):
 
 
 def test_unsupported_architecture_lists_the_supported(checkpoint):
-    (checkpoint / "config.json").write_text(json.dumps(HF_CONFIG | {"model_type": "gpt2"}))
-    with pytest.raises(ModelConfigError, match="config.json.*'gpt2'.*llama.*mistral.*qwen2"):
+    (checkpoint / "config.json").write_text(json.dumps(HF_CONFIG | {"model_type": "bloom"}))
+    with pytest.raises(ModelConfigError, match="config.json.*'bloom'.*llama.*mistral.*qwen2.*gpt2"):
         load_pretrained(checkpoint)
 
 

@@ -84,6 +84,26 @@ def param_shapes(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[
                    "kv_bias": ((nl, 2 * k, h), ("layers", "kv_heads", "head_dim"))}
     if not c.tie_word_embeddings:
         shapes["lm_head"] = ((e, v), ("embed", "vocab"))
+    return _family_param_shapes(c, shapes)
+
+
+def _family_param_shapes(config: ModelConfig, shapes: dict) -> dict:
+    """Llama's parameter shapes changed by what sets the model's family apart (models/families.py)."""
+    c, family = config, config.family
+    e, nl = c.hidden_size, c.num_layers
+    if not family.gated_mlp:  # GPT-2: no gate, biases on the MLP and o_proj
+        del shapes["gate_proj"]
+        shapes["mlp_bias"] = ((nl, c.intermediate_size), ("layers", "mlp"))
+        shapes["out_biases"] = ((nl, 2, e), ("layers", None, "embed"))
+    if family.norm == "layer":  # LayerNorm's biases
+        shapes["norm_biases"] = ((nl, 2, e), ("layers", None, "embed"))
+        shapes["final_norm_bias"] = ((e,), ("embed",))
+    if family.qk_norm:
+        shapes["qk_norms"] = ((nl, 2, c.head_dim), ("layers", None, "head_dim"))
+    if family.sandwich_norms:
+        shapes["output_norms"] = ((nl, 2, e), ("layers", None, "embed"))
+    if family.learned_positions:
+        shapes["position_embedding"] = ((c.max_position_embeddings, e), (None, "embed"))
     return shapes
 
 
@@ -105,7 +125,7 @@ def sharded_param_elements(config: ModelConfig, mesh: MeshShape) -> int:
 def layer_param_elements(config: ModelConfig) -> int:
     c = config
     return (c.hidden_size * (2 * c.num_heads * c.head_dim + 2 * c.num_kv_heads * c.head_dim)
-            + 3 * c.hidden_size * c.intermediate_size)
+            + (3 if c.family.gated_mlp else 2) * c.hidden_size * c.intermediate_size)
 
 
 def _per_token(coefficients, config: ModelConfig, tensor: int) -> float:
