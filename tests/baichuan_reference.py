@@ -130,7 +130,10 @@ class BaichuanForCausalLM(nn.Module):
         self.config = config
         self.model = Model(config)
         self.lm_head = NormHead(config["hidden_size"], config["vocab_size"])
-        self.alibi = config["position_embedding"] == "alibi"
+        # Baichuan ships two modeling files (7B: rotary, 13B: ALiBi); here config.json picks one, and
+        # without "position_embedding" the one its hidden_size implies (4096: the 7B).
+        default = "rope" if config["hidden_size"] == 4096 else "alibi"
+        self.alibi = config.get("position_embedding", default) == "alibi"
 
     def forward(self, input_ids):
         c, length = self.config, input_ids.shape[1]

@@ -93,7 +93,8 @@ def test_logits_loss_and_gradients_match_the_reference(family, tmp_root):
     ref, path = reference(family, tmp_root)
     ids = token_ids()
     expected = torch_logits(ref, ids)
-    for attention in ("xla", "blockwise"):
+    # the "xla" implementation has its own code for soft-capping, sliding windows and ALiBi
+    for attention in ("xla", "blockwise") if family in ("gemma2", "baichuan2-13b") else ("blockwise",):
         logits = load_pretrained(path, attention=attention)(jnp.asarray(ids))
         np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-4, rtol=0, err_msg=attention)
 
@@ -127,7 +128,7 @@ def test_load_save_round_trip_gives_identical_logits(family, tmp_root, tmp_path)
     assert ModelConfig.from_pretrained(tmp_path) == ModelConfig.from_pretrained(path)
 
 
-def _batches(steps=3, batch=8, seq=32):
+def _batches(steps=2, batch=8, seq=32):
     """Two packed documents per row, with their own positions."""
     rng = np.random.default_rng(0)
     out = []
@@ -143,7 +144,7 @@ def _batches(steps=3, batch=8, seq=32):
     return out
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", ["qwen3", "gpt2", "gemma2", "baichuan2-13b"])  # 7B: Llama's parts + NormHead
 def test_same_losses_on_every_mesh(family, tmp_root):
     _, path = reference(family, tmp_root)
     config = ModelConfig.from_pretrained(path)
