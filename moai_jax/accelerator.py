@@ -12,7 +12,7 @@ import dataclasses
 
 import jax
 
-from moai_jax import xla_flags
+from moai_jax import distributed, xla_flags
 from moai_jax.errors import FlavorError
 
 GB = 10**9
@@ -78,28 +78,38 @@ def parse_flavor(value: object) -> int:
     return flavor
 
 
-def simulate_devices(count: int) -> None:
-    """Ask JAX for `count` host devices, if its backends have not started yet (no-op otherwise).
+def simulate_devices(flavor: int) -> int:
+    """Ask JAX for this process's share of `flavor` host devices (all of them when it is alone), if its
+    backends have not started yet (no-op otherwise), and return that share. Joins the process's job
+    first (`distributed.join`).
 
     Also the moment, before any backend starts, to set moai_jax's XLA GPU flags (`xla_flags.apply`).
     """
+    count = distributed.local_share(flavor)
     xla_flags.apply()
     try:
         if jax.config.jax_num_cpu_devices < count:
             jax.config.update("jax_num_cpu_devices", count)
     except RuntimeError:
         pass  # backends already started; Accelerator reports it if the count falls short
+    return count
 
 
 class Accelerator:
-    """`flavor` devices seen as one. `hardware` names a profile; by default it is detected."""
+    """`flavor` devices seen as one. `hardware` names a profile; by default it is detected.
+
+    In a job of several processes (see `moai_jax.distributed`) the flavor counts the devices of all
+    of them, each process bringing flavor / processes of its own.
+    """
 
     def __init__(self, flavor: int | str, hardware: str | None = None, *, device_memory: int | None = None,
                  devices_per_host: int | None = None):
         self.flavor = parse_flavor(flavor)
-        simulate_devices(self.flavor)
+        share = simulate_devices(self.flavor)
         devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
         self.platform = devices[0].platform
+        if jax.process_count() > 1:
+            devices = _share_of_each_process(devices, share)
         if len(devices) < self.flavor:
             if self.platform == "cpu":
                 raise FlavorError(
@@ -114,9 +124,21 @@ class Accelerator:
         self.devices = devices[: self.flavor]
         self.simulated = self.platform == "cpu" and self.flavor > 1
         detected = detect_hardware(self.devices[0])
+        if devices_per_host is None and jax.process_count() > 1:  # the real topology: processes per machine
+            hosts = distributed.hosts()
+            devices_per_host = share * hosts.count(hosts[jax.process_index()])
         self.hardware = hardware_profile(hardware or detected, device_memory=device_memory,
                                          devices_per_host=devices_per_host)
 
     def __repr__(self) -> str:
         where = "simulated CPU devices" if self.simulated else f"{self.platform} devices"
         return f"Accelerator(flavor={self.flavor}, {self.flavor} {where}, hardware={self.hardware.name})"
+
+
+def _share_of_each_process(devices: list[jax.Device], share: int) -> list[jax.Device]:
+    """The first `share` devices of every process, by process; a FlavorError where one has fewer."""
+    mine = [d for d in devices if d.process_index == jax.process_index()]
+    if len(mine) < share:
+        raise FlavorError(f"process {jax.process_index()} has {len(mine)} devices but its share of the flavor is "
+                          f"{share}; choose a flavor of at most {len(mine) * jax.process_count()}")
+    return [d for p in range(jax.process_count()) for d in [d for d in devices if d.process_index == p][:share]]

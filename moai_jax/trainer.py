@@ -23,6 +23,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from moai_jax import distributed
 from moai_jax.accelerator import Accelerator
 from moai_jax.errors import FlavorError
 from moai_jax.planner.plan import Plan
@@ -45,6 +46,8 @@ class Trainer:
                  params: Callable[[Any], nnx.Module | dict] | None = None, memory_fraction: float = 0.8):
         self.accelerator = accelerator
         self.batch_size, self.seq_len = batch_size, seq_len
+        distributed.agree("batch", {"batch_size": batch_size, "seq_len": seq_len},
+                          "give every process the same batch size and sequence length")
         abstract = nnx.eval_shape(model) if callable(model) and not isinstance(model, nnx.Module) else model
         self.config = getattr(abstract, "config", None)
         self._compiled: dict[frozenset[str], Any] = {}  # batch keys → executable

@@ -335,7 +335,7 @@ def _hf_tensors(model: Decoder, dtype):
         layout = pieces[0][0]
 
         def gather(pieces=pieces, axis=layout.fused_axis):
-            hf = [layout.to_hf(np.asarray(jax.device_get(read()))) for layout, read in pieces]
+            hf = [layout.to_hf(_to_host(read())) for layout, read in pieces]
             return np.ascontiguousarray((hf[0] if len(hf) == 1 else np.concatenate(hf, axis)).astype(dtype))
 
         shape = list(layout.hf_shape(tuple(jax.eval_shape(pieces[0][1]).shape)))
@@ -343,14 +343,26 @@ def _hf_tensors(model: Decoder, dtype):
         yield name, tuple(shape), gather
 
 
+def _to_host(array: jax.Array) -> np.ndarray:
+    """The whole array on this host; with several processes every one of them must call it."""
+    if array.is_fully_addressable:
+        return np.asarray(jax.device_get(array))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
 def save_pretrained(model: Decoder, path: str | Path, dtype=None, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
     """Write config.json and safetensors (split above `max_shard_bytes`, with an index) in Hugging Face layout.
 
     Each tensor is gathered to the host on its own, so sharded parameters work. `dtype` (e.g.
-    "bfloat16") converts on the way out; by default tensors keep the parameters' dtype.
+    "bfloat16") converts on the way out; by default tensors keep the parameters' dtype. With several
+    processes, every one of them calls it (each tensor is gathered over all) and process 0 writes.
     """
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    writer = jax.process_index() == 0
+    if writer:
+        path.mkdir(parents=True, exist_ok=True)
     dtype = np.dtype(dtype_from_name(dtype) if dtype is not None else model.param_dtype)
     shards: list[list] = [[]]
     size = 0
@@ -368,9 +380,12 @@ def save_pretrained(model: Decoder, path: str | Path, dtype=None, max_shard_byte
     for file, shard in zip(files, shards):
         tensors = {name: gather() for name, gather in shard}
         total += sum(t.nbytes for t in tensors.values())
-        save_file(tensors, str(path / file), metadata={"format": "pt"})
+        if writer:
+            save_file(tensors, str(path / file), metadata={"format": "pt"})
         weight_map |= {name: file for name in tensors}
         del tensors
+    if not writer:
+        return
     if len(files) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (path / INDEX_FILE).write_text(json.dumps(index, indent=2))

@@ -77,6 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--suite", choices=("accelerator", "cpu", "parity"), default=None)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--reference-only", action="store_true", help=argparse.SUPPRESS)
+    from moai_jax import distributed  # one job of several processes: python -m moai_jax.launch, srun, ...
+
+    distributed.add_arguments(p)
     return p.parse_args(argv)
 
 
@@ -122,7 +125,9 @@ def jax_benchmark(args, config) -> dict:
     compile_seconds = trainer.compile(("input_ids", "labels"))
     compiled_bytes = trainer.compiled_bytes_per_device()
 
-    batches = [{"input_ids": b} for b in random_batches(config.vocab_size, args.batch_size, args.block_size)]
+    rows = slice(jax.process_index() * args.batch_size // jax.process_count(),  # this process's rows
+                 (jax.process_index() + 1) * args.batch_size // jax.process_count())
+    batches = [{"input_ids": b[rows]} for b in random_batches(config.vocab_size, args.batch_size, args.block_size)]
     for i in range(args.warmup):
         jax.block_until_ready((trainer.step(batches[i % 2]), trainer.state))
     times = []
@@ -143,7 +148,7 @@ def jax_benchmark(args, config) -> dict:
         "attention": resolve(args.attention, jnp.dtype(dtype), config.head_dim),
         "compile_seconds": compile_seconds, "step_seconds": step_seconds, "tokens_per_sec": tokens_per_sec,
         "mfu": flops_per_token(config, args.block_size) * tokens_per_sec / (flavor * peak_flops(hardware, dtype)),
-        "compiled_bytes_per_device": compiled_bytes, "measured_peak_bytes": measured_peak_bytes(accelerator.devices),
+        "compiled_bytes_per_device": compiled_bytes, "measured_peak_bytes": measured_peak_bytes(jax.local_devices()),
         "final_loss": float(metrics["loss"]),
     }
 
@@ -327,8 +332,10 @@ def cpu_name() -> str:
 
 
 def benchmark(args) -> dict:
+    import jax
+
     config = model_config(args.model)
-    reference = None if args.no_reference else reference_in_subprocess(args)
+    reference = None if args.no_reference or jax.process_index() > 0 else reference_in_subprocess(args)
     return complete(args, config, jax_benchmark(args, config), reference)
 
 
@@ -414,6 +421,7 @@ def report(out: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from moai_jax import distributed
     from moai_jax.accelerator import parse_flavor, simulate_devices
     from moai_jax.errors import MoaiError, report_error
 
@@ -427,10 +435,13 @@ def main(argv=None) -> int:
         if args.suite:
             out = suite(args)
         else:
+            distributed.join_from_args(args)  # alone, or one process of several: before JAX starts
             simulate_devices(parse_flavor(args.flavor))  # before JAX starts its backends
             out = {"results": [benchmark(args)]}
     except MoaiError as e:
         return report_error(e)
+    if distributed.join().process_id > 0:  # of several processes, process 0 reports
+        return 0
     print(json.dumps(out) if args.json else report(out))
     failed = any("error" in r["moai_jax"] for r in out.get("results", []))
     return 1 if failed or not out.get("parity", {}).get("ok", True) else 0

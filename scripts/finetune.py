@@ -66,6 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="continue from the latest checkpoint in --checkpoint-dir, on this run's flavor and mesh")
     p.add_argument("--metrics-file", default=None,
                    help="append one JSON object per logged step: step, loss, duration, tokens_per_sec, learning_rate")
+    from moai_jax import distributed  # one job of several processes: python -m moai_jax.launch, srun, ...
+
+    distributed.add_arguments(p)
     return p.parse_args(argv)
 
 
@@ -80,9 +83,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from moai_jax import distributed
     from moai_jax.accelerator import parse_flavor, simulate_devices
     from moai_jax.errors import FlavorError
 
+    distributed.join_from_args(args)  # alone, or one process of several: before JAX starts its backends
+    distributed.agree("arguments", {k: v for k, v in vars(args).items() if k != "process_id"},
+                      "start every process with the same arguments")
     flavor = parse_flavor(args.flavor)
     simulate_devices(flavor)  # before JAX starts its backends
     for name in ("batch_size", "block_size", "epochs", "log_interval"):
@@ -91,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
     if args.max_steps is not None and args.max_steps < 1:
         raise FlavorError(f"--max-steps must be at least 1, not {args.max_steps}")
     checkpoints = open_checkpoints(args)  # before any work: a bad folder fails fast
-    with checkpoints or contextlib.nullcontext():  # on every way out, the last save is finished
+    # on every way out, the last save is finished; of several processes, only process 0 prints
+    with checkpoints or contextlib.nullcontext(), distributed.only_first_prints():
         return train(args, flavor, checkpoints)
 
 
@@ -154,7 +162,7 @@ def train(args: argparse.Namespace, flavor: int, checkpoints) -> int:
               f"(saved at flavor {saved['plan']['flavor']})")
     print(f"Compiled the train step in {trainer.compile():.2f} s", flush=True)
 
-    metrics_file = MetricsFile(args.metrics_file)
+    metrics_file = MetricsFile(args.metrics_file if jax.process_index() == 0 else None)  # one line per step
     timer = StepTimer(args.batch_size * args.block_size)
     rates, final_loss = [], None
 
@@ -187,8 +195,9 @@ def train(args: argparse.Namespace, flavor: int, checkpoints) -> int:
     metrics_file.close()
 
     if args.save_model_dir:
-        save_pretrained(trainer.model, args.save_model_dir)
-        tokenizer.save_pretrained(args.save_model_dir)
+        save_pretrained(trainer.model, args.save_model_dir)  # every process gathers, process 0 writes
+        if jax.process_index() == 0:
+            tokenizer.save_pretrained(args.save_model_dir)
     print(summary(len(rates), len(rates) * args.batch_size * args.block_size, rates, final_loss, args.save_model_dir))
     return 0
 

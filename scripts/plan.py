@@ -34,12 +34,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-verify", action="store_true", help="rank only, skip the verifying compile")
     p.add_argument("--json", action="store_true", help="print the Plan as JSON")
     p.add_argument("--dump", default=None, help="also write the Plan as JSON to this file")
+    from moai_jax import distributed  # planned on the devices of several processes
+
+    distributed.add_arguments(p)
     return p.parse_args(argv)
 
 
 def run(args) -> int:
+    from moai_jax import distributed
     from moai_jax.accelerator import parse_flavor, simulate_devices
 
+    distributed.join_from_args(args)  # alone, or one process of several: before JAX starts its backends
     flavor = parse_flavor(args.flavor)
     simulate_devices(flavor)  # before JAX starts its backends
 
@@ -64,9 +69,10 @@ def run(args) -> int:
                   micro_batches=args.micro_batches, remat=args.remat, loss=args.loss, compute_dtype=args.dtype,
                   **axes)
     text = result.to_json(indent=2)
-    if args.dump:
-        Path(args.dump).write_text(text + "\n")
-    print(text if args.json else table(result))
+    if distributed.join().process_id == 0:  # of several processes, process 0 writes and prints
+        if args.dump:
+            Path(args.dump).write_text(text + "\n")
+        print(text if args.json else table(result))
     return 0
 
 

@@ -1,0 +1,212 @@
+"""Several processes as one virtual accelerator (jax.distributed over gloo on this CPU): the same
+training as one process, checkpoints across process counts, a killed process, and bad jobs."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from moai_jax import distributed
+from moai_jax.checkpoint import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+FINETUNE = ROOT / "scripts" / "finetune.py"
+RUN = ["--batch-size", "8", "--block-size", "32", "--max-steps", "10", "--save-steps", "5"]
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "MOAI_INIT_TIMEOUT": "60"}
+MESHES = ("data=8", "fsdp=8", "data=2,fsdp=2,tensor=2")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """The processes share JAX's persistent compilation cache: a resumed job skips recompiling its step."""
+    ENV.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax-cache")),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+def launch(processes: int, *args, all_output: bool = False, **kwargs):
+    """`python -m moai_jax.launch --processes N -- scripts/finetune.py ...` as a user types it."""
+    command = [sys.executable, "-m", "moai_jax.launch", "--processes", str(processes),
+               *(["--all-output"] if all_output else []), "--", str(FINETUNE), *RUN, *map(str, args)]
+    return subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def finetune_here(*args) -> None:
+    """One process with 8 devices: this test process itself (no start-up to pay)."""
+    from importlib.util import module_from_spec, spec_from_file_location
+
+    spec = spec_from_file_location("finetune", FINETUNE)
+    module = module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main([*RUN, *map(str, args)]) == 0
+
+
+def losses(metrics_file: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, metrics_file.read_text().splitlines())}
+
+
+def params_of(checkpoint_dir: Path, step: int) -> dict:
+    model, _ = load_model(checkpoint_dir, step)
+    return jax.device_get(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+def same_training(got: dict[int, float], want: dict[int, float], steps) -> None:
+    assert sorted(got) == list(steps)
+    np.testing.assert_allclose([got[s] for s in steps], [want[s] for s in steps], rtol=1e-5, atol=0)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """mesh → (folder, launcher output) of 10 steps in 2 processes × 4 devices (`two`) and in this
+    process × 8 devices (`one`), each saving checkpoints at steps 5 and 10; each mesh runs once."""
+    runs = {}
+
+    def run(mesh: str):
+        if mesh not in runs:
+            out = tmp_path_factory.mktemp(mesh.replace(",", "_").replace("=", ""))
+            two = launch(2, "--flavor", 8, "--mesh", mesh, "--checkpoint-dir", out / "two", "--metrics-file",
+                         out / "two.jsonl", all_output=mesh == MESHES[0])
+            assert two.returncode == 0, two.stderr[-3000:]
+            finetune_here("--flavor", 8, "--mesh", mesh, "--checkpoint-dir", out / "one", "--metrics-file",
+                          out / "one.jsonl")
+            runs[mesh] = out, two
+        return runs[mesh]
+
+    return run
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_two_processes_train_as_one(mesh, trained):
+    """2 processes × 4 devices = 1 process × 8: the same losses and final parameters, and one step
+    line and one metrics line per step (process 1 prints none)."""
+    out, two = trained(mesh)
+    prefix = "[0] " if mesh == MESHES[0] else ""  # that run shows every process's output
+    steps = [line for line in two.stdout.splitlines() if "[Step " in line]
+    assert [line.split("/")[0] for line in steps] == [f"{prefix}[Step {s}" for s in range(1, 11)]
+    assert "moai_jax: llama tiny on 8 simulated CPU devices" in two.stdout
+    assert [json.loads(line)["step"] for line in (out / "two.jsonl").read_text().splitlines()] == list(range(1, 11))
+    same_training(losses(out / "two.jsonl"), losses(out / "one.jsonl"), range(1, 11))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 params_of(out / "two", 10), params_of(out / "one", 10))
+
+
+def resume_folder(saved: Path, where: Path) -> Path:
+    """A copy of a run's checkpoints as they stood after step 5."""
+    shutil.copytree(saved, where, ignore=shutil.ignore_patterns("10"))
+    return where
+
+
+def test_checkpoint_of_two_processes_resumes_in_one_at_flavor_4(trained, tmp_path):
+    run, _ = trained(MESHES[2])
+    ckpt = resume_folder(run / "two", tmp_path / "ckpt")
+    finetune_here("--flavor", 4, "--mesh", "fsdp=2,tensor=2", "--checkpoint-dir", ckpt, "--resume",
+                  "--metrics-file", tmp_path / "metrics.jsonl")
+    same_training(losses(tmp_path / "metrics.jsonl"), losses(run / "one.jsonl"), range(6, 11))
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_checkpoint_of_one_process_resumes_in_two_and_survives_a_kill(trained, tmp_path):
+    """Resume a one-process checkpoint in 2 processes, kill -9 process 1 mid-run: the launcher stops
+    the other and says which died; --resume then continues from the last checkpoint to the same losses."""
+    run, _ = trained(MESHES[0])
+    ckpt = resume_folder(run / "one", tmp_path / "ckpt")
+    args = ["--flavor", 8, "--mesh", MESHES[0], "--checkpoint-dir", ckpt, "--save-steps", 1, "--resume",
+            "--metrics-file", tmp_path / "metrics.jsonl"]
+    command = [sys.executable, "-m", "moai_jax.launch", "--processes", "2", "--", str(FINETUNE), *RUN, *map(str, args)]
+    log = tmp_path / "launch.log"
+    with open(log, "w") as stderr:
+        job = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=stderr)
+    while not log.read_text().endswith("\n"):
+        time.sleep(0.01)
+    started = log.read_text().splitlines()[0]
+    assert started.startswith("launch: 2 processes joined at 127.0.0.1:"), started
+    pids = [int(part.split(":")[1]) for part in started.split("pids ")[1].split(", ")]
+    while not (ckpt / "6").is_dir():  # the job's first checkpoint is complete: kill it mid-run
+        assert job.poll() is None and not (ckpt / "10").exists(), "the run ended before the kill"
+        time.sleep(0.005)
+    os.kill(pids[1], signal.SIGKILL)
+    killed = time.monotonic()
+    job.wait(timeout=60)
+    assert time.monotonic() - killed < 60 and job.returncode != 0
+    said = log.read_text()
+    assert "launch: process 1 was killed by SIGKILL; stopping the other 1" in said, said[-3000:]
+    assert not any(alive(pid) for pid in pids)
+
+    first = losses(tmp_path / "metrics.jsonl")
+    (tmp_path / "metrics.jsonl").unlink()
+    again = launch(2, *args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    last = int(again.stdout.split("Resumed from the checkpoint of step ")[1].split()[0])
+    assert 6 <= last < 10  # a checkpoint of the killed job
+    resumed = losses(tmp_path / "metrics.jsonl")
+    assert sorted(resumed) == list(range(last + 1, 11))
+    same_training({**first, **resumed}, losses(run / "one.jsonl"), range(6, 11))  # re-run steps: the same
+
+
+def error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if "error:" in line]
+
+
+def test_flavor_not_divisible_by_the_processes():
+    done = launch(2, "--flavor", 3, all_output=True)
+    assert done.returncode == 2, done.stderr[-3000:]
+    message = "error: flavor 3 does not split over 2 processes; use a multiple of 2"
+    assert sorted(line.split("error:")[0] for line in error_lines(done.stderr) if message in line) == ["[0] ", "[1] "]
+    assert "launch: process" in done.stderr.splitlines()[-1] and "Traceback" not in done.stderr
+
+
+def free_address() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_processes_with_different_flavors_and_batch_sizes():
+    address, procs = free_address(), []
+    for index, (flavor, batch) in enumerate([(8, 8), (4, 16)]):
+        job = ["--coordinator-address", address, "--num-processes", 2, "--process-id", index]
+        command = [sys.executable, str(FINETUNE), *RUN, *map(str, job), "--flavor", str(flavor), "--batch-size", str(batch)]
+        procs.append(subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2, err[-3000:]
+        assert error_lines(err) == [
+            "error: the processes disagree on the arguments (process 0: batch_size 8, flavor 8; process 1: "
+            "batch_size 16, flavor 4); start every process with the same arguments"], err[-3000:]
+
+
+@pytest.mark.parametrize("job, message", [
+    (["--num-processes", "2", "--process-id", "2"], "--process-id 2 is outside the job's processes 0 to 1"),
+    (["--num-processes", "2", "--process-id", "-1"], "--process-id -1 is outside the job's processes 0 to 1"),
+    (["--num-processes", "2", "--process-id", "1"], "nobody listens at the coordinator address 127.0.0.1:"),
+])
+def test_bad_job(job, message, monkeypatch, capsys):
+    """Refused before anything is started, as one line; an address nobody listens on within the timeout."""
+    from importlib.util import module_from_spec, spec_from_file_location
+
+    monkeypatch.setattr(distributed, "_joined", None)  # this test process joined no job yet
+    monkeypatch.setenv("MOAI_INIT_TIMEOUT", "2")
+    spec = spec_from_file_location("finetune", FINETUNE)
+    module = module_from_spec(spec)
+    spec.loader.exec_module(module)
+    start = time.monotonic()
+    assert module.main([*RUN, "--coordinator-address", free_address(), *job]) == 2
+    assert time.monotonic() - start < 10
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and len(err.strip().splitlines()) == 1, err
