@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import socket
@@ -212,6 +213,7 @@ def exchange(name: str, text: str) -> list[str]:
     return [client.blocking_key_value_get(f"{key}/{i}", wait_ms) for i in range(job.num_processes)]
 
 
+@functools.cache
 def hosts() -> list[str]:
     """The machine each process runs on, by process id (one name alone)."""
     job = join()

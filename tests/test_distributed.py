@@ -73,11 +73,12 @@ def trained(tmp_path_factory):
     def run(mesh: str):
         if mesh not in runs:
             out = tmp_path_factory.mktemp(mesh.replace(",", "_").replace("=", ""))
+            export = lambda name: ["--save-model-dir", out / f"{name}-hf"] if mesh == MESHES[1] else []  # noqa: E731
             two = launch(2, "--flavor", 8, "--mesh", mesh, "--checkpoint-dir", out / "two", "--metrics-file",
-                         out / "two.jsonl", all_output=mesh == MESHES[0])
+                         out / "two.jsonl", *export("two"), all_output=mesh == MESHES[0])
             assert two.returncode == 0, two.stderr[-3000:]
             finetune_here("--flavor", 8, "--mesh", mesh, "--checkpoint-dir", out / "one", "--metrics-file",
-                          out / "one.jsonl")
+                          out / "one.jsonl", *export("one"))
             runs[mesh] = out, two
         return runs[mesh]
 
@@ -97,6 +98,14 @@ def test_two_processes_train_as_one(mesh, trained):
     same_training(losses(out / "two.jsonl"), losses(out / "one.jsonl"), range(1, 11))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                  params_of(out / "two", 10), params_of(out / "one", 10))
+    if mesh == MESHES[1]:  # the Hugging Face export: gathered over both processes, written by process 0
+        from safetensors.numpy import load_file
+
+        two_hf, one_hf = (load_file(out / name / "model.safetensors") for name in ("two-hf", "one-hf"))
+        assert two_hf.keys() == one_hf.keys()
+        for name in one_hf:
+            np.testing.assert_allclose(two_hf[name], one_hf[name], rtol=1e-5, atol=1e-6)
+        assert sorted(p.name for p in (out / "two-hf").iterdir()) == sorted(p.name for p in (out / "one-hf").iterdir())
 
 
 def resume_folder(saved: Path, where: Path) -> Path:
