@@ -274,7 +274,8 @@ class Decoder(nnx.Module):
         layer_state = (layer_state, windows_L)  # the windows go with their layers, through the stages too
         if self.pipeline_stages > 1:
             x_BTE = pipelined_layers(layer, layer_state, x_BTE, (cos_BTH, sin_BTH, segment_ids),
-                                     stages=self.pipeline_stages, micro_batches=self.pipeline_micro_batches)
+                                     stages=self.pipeline_stages, micro_batches=self.pipeline_micro_batches,
+                                     remat_stage=self.remat == "full")
         else:
             x_BTE, _ = jax.lax.scan(lambda x, state: (layer(x, state, cos_BTH, sin_BTH, segment_ids), None), x_BTE,
                                     layer_state)

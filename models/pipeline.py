@@ -9,6 +9,10 @@ micro-batch it holds (a `vmap` whose mapped axis is the mesh's stage axis) and s
 stage on (`jnp.roll`, which XLA turns into a collective-permute). Stage 0 takes micro-batch t at tick
 t; the last stage finishes micro-batch t − (stages − 1). Backward is autodiff of the scan.
 
+With `remat_stage` a tick keeps for backward only each stage's input and recomputes the stage from it
+(its layers keep their own remat inside), so the micro-batches in flight cost one activation each per
+stage instead of one per layer: GPipe's memory, at the price of one more forward pass.
+
 The result is the same function of the same parameters as the plain layer scan: only the order of
 the work changes. Nothing here names a mesh: the stage axis is whatever the active logical sharding
 maps `layers` to (none outside a sharded step, where the stages simply run one after another).
@@ -47,7 +51,7 @@ def merge_micro_batches(x):
 
 
 def pipelined_layers(layer: Callable[..., jax.Array], layer_state: Any, x_BTE: jax.Array, extras: tuple, *,
-                     stages: int, micro_batches: int) -> jax.Array:
+                     stages: int, micro_batches: int, remat_stage: bool = False) -> jax.Array:
     """`layer(x, state, *extras)` applied for every layer of `layer_state` (stacked along axis 0), as a
     pipeline of `stages` stages over `micro_batches` micro-batches. `extras` are per-row inputs
     ([B, ...] arrays or None, e.g. rotary tables and segment ids) that go with each micro-batch."""
@@ -67,6 +71,8 @@ def pipelined_layers(layer: Callable[..., jax.Array], layer_state: Any, x_BTE: j
         y_BTE, _ = jax.lax.scan(lambda x, st: (layer(x, st, *extras), None), x_BTE, state)
         return y_BTE
 
+    if remat_stage:
+        run_stage = jax.checkpoint(run_stage, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
     all_stages = jax.vmap(run_stage, spmd_axis_name=mesh_axis("layers", S))
 
     def tick(carry, t):

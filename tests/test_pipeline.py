@@ -3,6 +3,7 @@ optimizer state split by the stage count, checkpoints that move between stage co
 
 import dataclasses
 import functools
+from types import SimpleNamespace
 
 import jax
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 from flax import nnx
 from test_trainer import make_batches
 
-from moai_jax.accelerator import Accelerator
+from moai_jax.accelerator import Accelerator, hardware_profile
 from moai_jax.checkpoint import Checkpoints
 from moai_jax.errors import FlavorError
 from moai_jax.models import Decoder, ModelConfig
@@ -76,11 +77,12 @@ def test_stages_split_parameters_and_optimizer_state():
 
 
 def test_checkpoints_move_between_stage_counts(tmp_path):
-    """Saved with 4 stages, resumed with 1, and the reverse: the losses of an uninterrupted run."""
+    """Saved with 4 stages, resumed with 1, and the reverse: the losses of an uninterrupted run (the
+    pipeline's with remat full, which recomputes whole stages)."""
     batches = make_batches(4, 8, SEQ, seed=1)
     trainers = {mesh: Trainer(lambda: Decoder(CONFIG, rngs=nnx.Rngs(0), attention="xla"), adamw(1e-3), 8, SEQ,
-                              Accelerator(8), mesh, micro_batches=micro_batches)
-                for mesh, micro_batches in (("stage=4,data=2", 4), ("data=8", 1))}
+                              Accelerator(8), mesh, micro_batches=micro_batches, remat=remat)
+                for mesh, micro_batches, remat in (("stage=4,data=2", 4, "full"), ("data=8", 1, "none"))}
     straight = {}
     for mesh, trainer in trainers.items():
         losses = [float(trainer.step(b)["loss"]) for b in batches[:2]]
@@ -93,6 +95,19 @@ def test_checkpoints_move_between_stage_counts(tmp_path):
             checkpoints.restore(trainers[resumed], 2)
         losses = [float(trainers[resumed].step(b)["loss"]) for b in batches[2:]]
         np.testing.assert_allclose(losses, straight[saved][2:], rtol=1e-5)
+
+
+def test_planner_pipelines_where_links_between_hosts_are_slow():
+    """MoAI's Llama3-70B on 64 MI250s: with 25 GB/s between hosts gathering weights over fsdp=32 hides
+    under compute and no pipeline wins; at 1.25 GB/s it does not, and 8 stages (fsdp inside a host) win."""
+    mi250 = hardware_profile("mi250")
+    fast = plan(ModelConfig.preset("llama3-70b"), 512, 1024, SimpleNamespace(flavor=64, hardware=mi250), verify=False)
+    assert fast.mesh.stage == 1 and "no pipeline: the best with stages" in fast.why
+    slow_links = dataclasses.replace(mi250, inter_host_bandwidth=1.25e9)
+    slow = plan(ModelConfig.preset("llama3-70b"), 512, 1024, SimpleNamespace(flavor=64, hardware=slow_links),
+                verify=False)
+    assert slow.mesh.stage == 8 and slow.mesh.size // slow.mesh.stage <= mi250.devices_per_host
+    assert "pipeline of 8 stages" in slow.why and "fsdp weight gathers" in slow.why
 
 
 def test_planner_stages_only_where_layers_divide():

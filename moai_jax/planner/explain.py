@@ -76,8 +76,10 @@ def pipeline_verdict(s, fits, over) -> str:
     if c.mesh.stage > 1:
         ticks = c.micro_batches + c.mesh.stage - 1
         flat = [f for f in fits if f.candidate.mesh.stage == 1]
+        considered = flat or any(o.candidate.mesh.stage == 1 for o in over)
         versus = (f"the best plan without stages is {flat[0].seconds['total'] / s.seconds['total'] - 1:.1%} slower"
-                  f" ({_cause(flat[0], s)})" if flat else "no plan without stages fits")
+                  f" ({_cause(flat[0], s)})" if flat else "no plan without stages fits" if considered
+                  else "stages fixed")
         return (f"pipeline of {c.mesh.stage} stages over {c.micro_batches} micro-batches (bubble "
                 f"{(c.mesh.stage - 1) / ticks:.0%} of {ticks} ticks): {versus}")
     piped = [f for f in fits if f.candidate.mesh.stage > 1]

@@ -1,7 +1,8 @@
 """The memory model: bytes per device of one train step, term by term, without compiling anything.
 
     parameters      the device's shards of every weight (exact, from the logical axis rules)
-    gradients       one more copy of the shards (two under micro-batching: the sum and the current one)
+    gradients       one more copy of the shards (two under micro-batching: the sum and the current one;
+                    one under a pipeline, whose micro-batches are summed inside the backward scan)
     optimizer       AdamW's two moments, shaped like the parameters
     activations     what each layer keeps for backward, by remat policy, times the layers
     attention       the blockwise attention's float32 score blocks
@@ -42,7 +43,7 @@ UPDATE_COPIES = 0.02  # transient parameter-sized buffers of the optimizer updat
 ATTENTION_BLOCK = 128  # the blockwise attention's key block
 ATTENTION_COPIES = 2.8  # float32 [rows, heads, length, block] scores, probabilities and their gradient
 CODE_BYTES = 0
-PIPELINE_COPIES = 4.0  # [batch, length, embed] buffers of a pipeline: stage inputs, outputs, their gradients
+PIPELINE_COPIES = 2.0  # [batch, length, embed] buffers of a pipeline: stage inputs and outputs (or their gradients)
 
 
 def parse_bytes(text: str) -> int:
@@ -141,7 +142,7 @@ def estimate_bytes(config: ModelConfig, batch_size: int, seq_len: int, mesh: Mes
     """Estimated bytes per device of the train step, by term, with "total"."""
     p = sharded_param_elements(config, mesh) * param_bytes
     tokens = batch_size // micro_batches // mesh.batch_shards * seq_len  # per device, one micro-batch
-    layers = held_layers(config, mesh, micro_batches)
+    layers = held_layers(config, mesh, micro_batches, remat)
     activations = layers * tokens * _per_token(SAVED[remat], config, mesh.tensor) * activation_bytes
     recompute = 0 if remat == "none" else tokens * _per_token(RECOMPUTE, config, mesh.tensor) * activation_bytes
     rows = batch_size // micro_batches // mesh.batch_shards
@@ -160,7 +161,7 @@ def estimate_bytes(config: ModelConfig, batch_size: int, seq_len: int, mesh: Mes
     batch = 4 * 4 * batch_size * seq_len // mesh.batch_shards
     terms = {
         "parameters": p,
-        "gradients": p * (2 if micro_batches > 1 or mesh.stage > 1 else 1),
+        "gradients": p * (2 if micro_batches > 1 and mesh.stage == 1 else 1),  # a pipeline sums inside its scan
         "optimizer": 2 * p,
         "activations": activations,
         "recompute": recompute,
@@ -175,18 +176,22 @@ def estimate_bytes(config: ModelConfig, batch_size: int, seq_len: int, mesh: Mes
     return terms
 
 
-def held_layers(config: ModelConfig, mesh: MeshShape, micro_batches: int) -> float:
+def held_layers(config: ModelConfig, mesh: MeshShape, micro_batches: int, remat: str) -> float:
     """Layers' worth of one micro-batch's saved activations a device holds at the peak: every layer
-    without a pipeline; a stage's layers for every tick (micro-batches + stages − 1) under one."""
+    without a pipeline; under one, a stage's layers for every tick (micro-batches + stages − 1), or
+    with remat full (which recomputes whole stages) one input per tick and one stage's layers."""
+    ticks, stage_layers = micro_batches + mesh.stage - 1, config.num_layers / mesh.stage
     if mesh.stage == 1:
         return config.num_layers
-    return (micro_batches + mesh.stage - 1) * config.num_layers / mesh.stage
+    if remat == "full":
+        return ticks + stage_layers
+    return ticks * stage_layers
 
 
 def pipeline_buffers(config: ModelConfig, batch_size: int, seq_len: int, mesh: MeshShape,
                      activation_bytes: int) -> float:
     """A pipeline's [batch, length, embed] buffers per device: the stages' inputs and outputs of every
-    micro-batch, and their gradients (none without a pipeline)."""
+    micro-batch (or their gradients in backward; none without a pipeline)."""
     if mesh.stage == 1:
         return 0.0
     return PIPELINE_COPIES * batch_size // mesh.batch_shards * seq_len * config.hidden_size * activation_bytes

@@ -37,6 +37,7 @@ TENSOR_EFFICIENCY_LOSS = 0.15
 OVERLAP = 0.8  # share of compute time that can hide data / fsdp communication
 MICRO_BATCH_OVERHEAD = 0.01  # seconds per micro-batch: loop, gradient accumulation, launch
 REMAT_FLOPS = {"none": 1.0, "matmuls": 1.05, "full": 4 / 3}  # training FLOPs relative to no recompute
+STAGE_RECOMPUTE_FLOPS = 1 / 3  # under a pipeline, remat full also recomputes each stage's forward once
 
 
 def _bandwidth(hardware: Hardware, span: int) -> float:
@@ -48,7 +49,8 @@ def estimate_seconds(config: ModelConfig, batch_size: int, seq_len: int, mesh: M
     """Estimated seconds of one step, split into compute, per-axis communication and total."""
     devices = mesh.size
     tokens = batch_size * seq_len
-    flops = flops_per_token(config, seq_len) * tokens * REMAT_FLOPS[remat]
+    recompute = REMAT_FLOPS[remat] + (STAGE_RECOMPUTE_FLOPS if mesh.stage > 1 and remat == "full" else 0.0)
+    flops = flops_per_token(config, seq_len) * tokens * recompute
     rows = tokens / micro_batches / mesh.batch_shards  # matmul rows per device per micro-batch
     work = rows / mesh.tensor  # tensor parallelism narrows each device's matmuls as much as fewer rows would
     efficiency = (PEAK_EFFICIENCY * work / (work + HALF_EFFICIENCY_ROWS)
