@@ -89,7 +89,7 @@ def pipeline_verdict(s, fits, over) -> str:
                 f"micro-batches) is {p.seconds['total'] / s.seconds['total'] - 1:.1%} slower ({_cause(p, s)})")
     if any(o.candidate.mesh.stage > 1 for o in over):
         return "no pipeline: no pipelined candidate fits in memory"
-    return "no pipeline: the layers or the flavor allow no stages"
+    return "no pipeline: none considered (stage fixed at 1, or no stage count divides both layers and flavor)"
 
 
 def _cause(a, b) -> str:

@@ -23,6 +23,7 @@ against XLA's compiled memory (scripts/memory_model_check.py prints the comparis
 
 from __future__ import annotations
 
+import functools
 import math
 
 from moai_jax.models import ModelConfig
@@ -119,8 +120,13 @@ def _shard_elements(shape, names, mesh_sizes) -> int:
 
 def sharded_param_elements(config: ModelConfig, mesh: MeshShape) -> int:
     """Parameter elements each device holds under the logical axis rules."""
+    return _sharded_elements(tuple(param_shapes(config).values()), mesh)
+
+
+@functools.lru_cache(maxsize=4096)  # the planner asks once per candidate; meshes repeat across candidates
+def _sharded_elements(shapes: tuple, mesh: MeshShape) -> int:
     sizes = {"stage": mesh.stage, "data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor}
-    return sum(_shard_elements(s, n, sizes) for s, n in param_shapes(config).values())
+    return sum(_shard_elements(s, n, sizes) for s, n in shapes)
 
 
 def layer_param_elements(config: ModelConfig) -> int:
