@@ -7,10 +7,10 @@
 """
 
 from moai_jax.accelerator import Accelerator
-from moai_jax.errors import (CheckpointError, DataError, FlavorError, ModelConfigError, MoaiError, NoPlanFits,
-                             WeightsError)
+from moai_jax.errors import (CheckpointError, DataError, FlavorError, ModelConfigError, ModelError, MoaiError,
+                             NoPlanFits, WeightsError)
 from moai_jax.planner import Plan, plan
 from moai_jax.trainer import Trainer
 
-__all__ = ["Accelerator", "CheckpointError", "DataError", "FlavorError", "ModelConfigError", "MoaiError",
+__all__ = ["Accelerator", "CheckpointError", "DataError", "FlavorError", "ModelConfigError", "ModelError", "MoaiError",
            "NoPlanFits", "Plan", "Trainer", "WeightsError", "plan"]

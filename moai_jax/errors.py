@@ -11,6 +11,10 @@ class ModelConfigError(MoaiError):
     """A model directory, config.json, preset or dtype that moai_jax cannot use."""
 
 
+class ModelError(MoaiError):
+    """A user's model, loss function or partition rules that moai_jax cannot train."""
+
+
 class WeightsError(MoaiError):
     """A safetensors file with a missing, extra or misshaped tensor."""
 

@@ -3,7 +3,9 @@
 It sits below both (the planner compiles what the Trainer will run; neither imports the other).
 `build_step` jits the train and eval steps with the plan's shardings and donated state;
 `compile_step` lowers and compiles the train step on abstract inputs, so nothing is allocated, and
-reads XLA's memory report.
+reads XLA's memory report. A model that carries no logical names gets its parameter shardings from
+the user's partition rules or from their shapes (`moai_jax.sharding.infer`), and trains with the loss
+`train.model_loss` picks for it.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from moai_jax.models import attention as attention_lib
 from moai_jax.planner.plan import Plan
 from moai_jax.sharding.annotate import logical_sharding
 from moai_jax.sharding.mesh import make_mesh
-from moai_jax.sharding.rules import partition_spec, tree_shardings
-from moai_jax.train import BATCH_KEYS, LOSS_CHUNK, TrainState, eval_step, train_step
+from moai_jax.sharding.infer import parameter_shardings
+from moai_jax.sharding.rules import partition_spec
+from moai_jax.train import (BATCH_KEYS, CHECKPOINT_POLICIES, LOSS_CHUNK, LossFn, TrainState, eval_step, model_loss,
+                            own_model, train_step)
 
 
 def default_optimizer() -> optax.GradientTransformation:
@@ -77,20 +81,25 @@ def pipeline_micro_batches(model: nnx.Module, plan: Plan) -> int:
     return 1 if plan.mesh.stage > 1 else plan.micro_batches
 
 
-def build_step(abstract: nnx.Module, optimizer: optax.GradientTransformation, plan: Plan, mesh) -> StepParts:
+def build_step(abstract: nnx.Module, optimizer: optax.GradientTransformation, plan: Plan, mesh, *,
+               loss_fn: LossFn | None = None, rules=None) -> StepParts:
     """The plan's train step for an abstract (or real) model, jitted with shardings and donated state.
 
-    Used by the Trainer to run and by the planner to verify (lowered on abstract inputs)."""
+    Used by the Trainer to run and by the planner to verify (lowered on abstract inputs). `loss_fn` and
+    `rules` (partition rules, see `moai_jax.sharding.infer`) are the user's, for their own models."""
     replicated = NamedSharding(mesh, PartitionSpec())
+    # the batch's leading dimension is split; the rest of every batch array (length, features) follows
     batch_sharding = NamedSharding(mesh, partition_spec(
-        ("batch", "length"), (plan.batch_size // plan.micro_batches, plan.seq_len), dict(mesh.shape)))
-    if hasattr(abstract, "remat"):
+        ("batch",), (plan.batch_size // plan.micro_batches,), dict(mesh.shape)))
+    remat_policy = None
+    if own_model(abstract):
         abstract.remat = plan.remat
+    else:
+        remat_policy = CHECKPOINT_POLICIES[plan.remat]
     accumulate = pipeline_micro_batches(abstract, plan)
     graphdef, abstract_params, abstract_rest = nnx.split(abstract, nnx.Param, ...)
     param_shapes = nnx.to_pure_dict(abstract_params)
-    logical = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
-    param_shardings = tree_shardings(logical, param_shapes, mesh)
+    param_shardings = parameter_shardings(abstract_params, mesh, rules)
     opt_shapes = jax.eval_shape(optimizer.init, param_shapes)
     opt_shardings = optax.tree_map_params(optimizer, lambda _, s: s, opt_shapes, param_shardings,
                                           transform_non_params=lambda _: replicated)
@@ -107,10 +116,10 @@ def build_step(abstract: nnx.Module, optimizer: optax.GradientTransformation, pl
                 return fn(first, batch, graphdef=graphdef, rest=rest)
         return run
 
-    loss_chunk = LOSS_CHUNK if plan.loss == "chunked" else None
-    train = functools.partial(train_step, tx=optimizer, micro_batches=accumulate,
-                              loss_chunk=loss_chunk, grad_shardings=param_shardings)
-    evaluate = functools.partial(eval_step, loss_chunk=loss_chunk)
+    loss = model_loss(abstract, loss_fn, LOSS_CHUNK if plan.loss == "chunked" else None)
+    train = functools.partial(train_step, tx=optimizer, loss=loss, micro_batches=accumulate,
+                              remat_policy=remat_policy, grad_shardings=param_shardings)
+    evaluate = functools.partial(eval_step, loss=loss)
     step = jax.jit(traced(train), in_shardings=(state_shardings, batch_sharding, replicated),
                    out_shardings=(state_shardings, replicated), donate_argnums=0)
     evaluation = jax.jit(traced(evaluate), in_shardings=(param_shardings, batch_sharding, replicated),
@@ -126,23 +135,33 @@ def compiled_bytes(compiled) -> int:
                - m.alias_size_in_bytes + m.generated_code_size_in_bytes)
 
 
+def batch_spec(plan: Plan, batch_keys: Sequence[str] = BATCH_KEYS) -> dict[str, jax.ShapeDtypeStruct]:
+    """A language model's global batch: int32 [batch, length] under each key."""
+    return {k: jax.ShapeDtypeStruct((plan.batch_size, plan.seq_len), jnp.int32) for k in batch_keys}
+
+
 def compile_step(plan: Plan, model: nnx.Module, devices: Sequence[jax.Device],
-                 optimizer: optax.GradientTransformation | None = None, batch_keys: Sequence[str] = BATCH_KEYS):
+                 optimizer: optax.GradientTransformation | None = None, batch_keys: Sequence[str] = BATCH_KEYS, *,
+                 batch: dict[str, jax.ShapeDtypeStruct] | None = None, loss_fn: LossFn | None = None, rules=None):
     """Lower and compile the plan's train step for `model` (abstract or real) on abstract inputs.
 
+    `batch`: the global batch's shapes and dtypes (default: int32 [batch, length] under `batch_keys`).
     Returns the step's parts, the compiled executable (which runs the real state as well) and what
     it measured."""
     start = time.perf_counter()
     mesh = make_mesh(plan.mesh, list(devices)[: plan.mesh.size])
-    parts = build_step(model, optimizer or default_optimizer(), plan, mesh)
-    spec = jax.ShapeDtypeStruct((plan.batch_size, plan.seq_len), jnp.int32, sharding=parts.batch_sharding)
-    compiled = parts.step.lower(parts.abstract_state, {k: spec for k in batch_keys}, parts.abstract_rest).compile()
+    parts = build_step(model, optimizer or default_optimizer(), plan, mesh, loss_fn=loss_fn, rules=rules)
+    specs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=parts.batch_sharding)
+             for k, v in (batch or batch_spec(plan, batch_keys)).items()}
+    compiled = parts.step.lower(parts.abstract_state, specs, parts.abstract_rest).compile()
     device = mesh.devices.flat[0]
-    kernel = attention_lib.resolve(getattr(model, "attention", "auto"), jnp.dtype(plan.compute_dtype),
-                                   model.config.head_dim)
     simulated = device.platform == "cpu" and plan.mesh.size > 1
     where = f"{plan.mesh.size} simulated devices" if simulated else f"{plan.mesh.size} device(s)"
-    backend = f"{device.platform} ({where}, {kernel} attention)"
+    if getattr(model, "config", None) is not None:
+        kernel = attention_lib.resolve(getattr(model, "attention", "auto"), jnp.dtype(plan.compute_dtype),
+                                       model.config.head_dim)
+        where += f", {kernel} attention"
+    backend = f"{device.platform} ({where})"
     return parts, compiled, Verified(compiled_bytes(compiled), backend, time.perf_counter() - start)
 
 

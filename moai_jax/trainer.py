@@ -9,6 +9,12 @@
 is then initialized under jit straight into its shards, never whole on one device. `params`, a
 function of the parameter shardings, loads weights instead (`lambda s: load_pretrained(path, shardings=s)`):
 each tensor goes straight onto its shards.
+
+A model of the user's own needs no moai_jax import: one whose `__call__(input_ids)` returns logits
+[batch, length, vocab] trains with the masked next-token loss; any other takes `loss_fn(model, batch) ->
+(loss_sum, tokens)`, and `example_batch` (one global batch, arrays or `jax.ShapeDtypeStruct`s) when its
+batches are not int32 [batch, length]. Its parameters are sharded by `rules` (regex on the parameter path
+→ logical names or a PartitionSpec) or by their shapes; the planner compiles candidates to choose.
 """
 
 from __future__ import annotations
@@ -25,11 +31,11 @@ from flax import nnx
 
 from moai_jax import distributed
 from moai_jax.accelerator import Accelerator
-from moai_jax.errors import FlavorError
+from moai_jax.errors import DataError, FlavorError
 from moai_jax.planner.plan import Plan
-from moai_jax.sharding.mesh import MeshShape, check_mesh, default_mesh_shape, make_mesh
+from moai_jax.sharding.mesh import MeshShape, check_mesh, make_mesh
 from moai_jax.step import StepParts, build_step, compile_step, compiled_bytes, layout
-from moai_jax.train import BATCH_KEYS, IGNORE, TrainState
+from moai_jax.train import BATCH_KEYS, IGNORE, TrainState, own_model
 
 
 def next_token_labels(input_ids: np.ndarray) -> np.ndarray:
@@ -41,15 +47,21 @@ def next_token_labels(input_ids: np.ndarray) -> np.ndarray:
 
 class Trainer:
     def __init__(self, model: nnx.Module | Callable[[], nnx.Module], optimizer: optax.GradientTransformation,
-                 batch_size: int, seq_len: int, accelerator: Accelerator, mesh: MeshShape | str | None = None, *,
+                 batch_size: int, seq_len: int | None, accelerator: Accelerator,
+                 mesh: MeshShape | str | None = None, *,
                  micro_batches: int | None = None, remat: str | None = None, plan: Plan | None = None,
-                 params: Callable[[Any], nnx.Module | dict] | None = None, memory_fraction: float = 0.8):
+                 params: Callable[[Any], nnx.Module | dict] | None = None, memory_fraction: float = 0.8,
+                 loss_fn: Callable[[nnx.Module, dict], tuple[Any, Any]] | None = None, rules=None,
+                 example_batch: Mapping[str, Any] | None = None):
         self.accelerator = accelerator
-        self.batch_size, self.seq_len = batch_size, seq_len
+        self.batch_size, self.seq_len = batch_size, seq_len or 1
+        self.loss_fn, self.rules = loss_fn, rules
         distributed.agree("batch", {"batch_size": batch_size, "seq_len": seq_len},
                           "give every process the same batch size and sequence length")
         abstract = nnx.eval_shape(model) if callable(model) and not isinstance(model, nnx.Module) else model
-        self.config = getattr(abstract, "config", None)
+        self.config = abstract.config if own_model(abstract) else None  # only moai_jax's own models have one
+        self.example = self._example_spec(example_batch)  # key → global shape and dtype
+        self._keys_required = example_batch is not None
         self._compiled: dict[frozenset[str], Any] = {}  # batch keys → executable
         self.compile_seconds: float | None = None
         verified: dict[tuple, tuple[StepParts, Any, Any]] = {}  # the planner's compiles, by layout
@@ -62,10 +74,10 @@ class Trainer:
         self.mesh = make_mesh(self.plan.mesh, accelerator.devices)
         if layout(self.plan) in verified:  # the planner compiled this very step: run that executable
             parts, compiled, measured = verified[layout(self.plan)]
-            self._compiled[frozenset(BATCH_KEYS)] = compiled
+            self._compiled[frozenset(self.example)] = compiled
             self.compile_seconds = measured.seconds
         else:
-            parts = build_step(abstract, optimizer, self.plan, self.mesh)
+            parts = build_step(abstract, optimizer, self.plan, self.mesh, loss_fn=loss_fn, rules=rules)
         self.graphdef, self._replicated, self.batch_sharding = parts.graphdef, parts.replicated, parts.batch_sharding
         self.param_shardings, self.state_shardings = parts.param_shardings, parts.state_shardings
         self._step, self._eval = parts.step, parts.eval
@@ -80,16 +92,22 @@ class Trainer:
         axes = {} if shape is None else {"stage": shape.stage, "data": shape.data, "fsdp": shape.fsdp,
                                          "tensor": shape.tensor}
         dtype = jnp.dtype(getattr(abstract, "dtype", jnp.float32)).name
-        if self.config is None:  # not a moai_jax model: nothing to plan from, shard everything (ZeRO-3)
-            shape = shape or default_mesh_shape(self.accelerator.flavor)
-            return Plan(flavor=self.accelerator.flavor, hardware=self.accelerator.hardware.name, mesh=shape,
-                        batch_size=self.batch_size, seq_len=self.seq_len, micro_batches=micro_batches or 1,
-                        remat=remat or "none", compute_dtype=dtype)
+
+        def compile_candidate(candidate: Plan):
+            result = compile_step(candidate, abstract, self.accelerator.devices, optimizer, batch=self.example,
+                                  loss_fn=self.loss_fn, rules=self.rules)
+            verified[layout(candidate)] = result
+            return result
+
+        if self.config is None:  # a model of the user's own: no formula, so candidates are compiled
+            from moai_jax.planner.measured import plan_measured
+
+            return plan_measured(abstract, optimizer, self.example, self.seq_len, self.accelerator, memory_fraction,
+                                 compile_candidate=compile_candidate, loss_fn=self.loss_fn, rules=self.rules,
+                                 micro_batches=micro_batches, remat=remat, compute_dtype=dtype, **axes)
 
         def verifier(candidate: Plan):
-            result = compile_step(candidate, abstract, self.accelerator.devices, optimizer)
-            verified[layout(candidate)] = result
-            return result[2]
+            return compile_candidate(candidate)[2]
 
         return plan(self.config, self.batch_size, self.seq_len, self.accelerator, memory_fraction,
                     micro_batches=micro_batches, remat=remat, compute_dtype=dtype, optimizer=optimizer,
@@ -115,33 +133,58 @@ class Trainer:
         return TrainState(params=params, opt_state=opt_state, step=step), rest
 
     # -- feeding ---------------------------------------------------------------------------------
+    def _example_spec(self, example: Mapping[str, Any] | None) -> dict[str, jax.ShapeDtypeStruct]:
+        """The global batch the step is compiled for: the example's keys, shapes and dtypes, or int32
+        [batch, length] token arrays (input_ids and labels; for moai_jax's Decoder also segment_ids, positions)."""
+        if example is None:
+            keys = BATCH_KEYS if self.config is not None else ("input_ids", "labels")
+            return {k: jax.ShapeDtypeStruct((self.batch_size, self.seq_len), jnp.int32) for k in keys}
+        spec = {}
+        for key, value in example.items():
+            shape = tuple(np.shape(value))
+            if not shape or shape[0] != self.batch_size:
+                raise DataError(f"example_batch[{key!r}] has shape {shape}; give one global batch, whose arrays "
+                                f"all start with the batch size {self.batch_size}")
+            dtype = value.dtype if hasattr(value, "dtype") else np.asarray(value).dtype
+            spec[key] = jax.ShapeDtypeStruct(shape, jax.dtypes.canonicalize_dtype(dtype))
+        return spec
+
     def device_batch(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
         """This process's rows of the global batch (all of them on one host) → global sharded arrays."""
-        batch = {k: np.asarray(v, dtype=np.int32) for k, v in batch.items()}
-        if "input_ids" not in batch:
-            raise FlavorError(f"a batch needs 'input_ids' (and optionally labels, segment_ids, positions); "
-                              f"got {', '.join(batch)}")
-        batch.setdefault("labels", next_token_labels(batch["input_ids"]))
+        batch = dict(batch)
+        if self.loss_fn is None:
+            if "input_ids" not in batch:
+                raise DataError(f"a batch needs 'input_ids' (and optionally labels, segment_ids, positions); "
+                                f"got {', '.join(batch)}")
+            batch.setdefault("labels", next_token_labels(np.asarray(batch["input_ids"])))
+        missing = [k for k in self.example if k not in batch]
+        if missing and self._keys_required:
+            raise DataError(f"the batch lacks {', '.join(map(repr, missing))}, which the trainer was planned with "
+                            f"(example_batch has {', '.join(self.example)}); give every batch the same keys")
         rows = self.batch_size // jax.process_count()
+        out = {}
         for key, value in batch.items():
-            if value.shape != (rows, self.seq_len):
+            spec = self.example.get(key, jax.ShapeDtypeStruct((self.batch_size, self.seq_len), jnp.int32))
+            value = np.asarray(value, dtype=spec.dtype)
+            if value.shape != (rows, *spec.shape[1:]):
                 raise FlavorError(f"batch[{key!r}] has shape {value.shape}; this trainer takes "
-                                  f"({rows}, {self.seq_len}) per process (batch size {self.batch_size}, "
-                                  f"sequence length {self.seq_len})")
-        global_shape = (self.batch_size, self.seq_len)
-        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v, global_shape)
-                for k, v in batch.items()}
+                                  f"{(rows, *spec.shape[1:])} per process (batch size {self.batch_size})")
+            out[key] = jax.make_array_from_process_local_data(self.batch_sharding, value, spec.shape)
+        return out
 
     # -- stepping --------------------------------------------------------------------------------
-    def compile(self, batch_keys: Iterable[str] = BATCH_KEYS) -> float:
-        """Compile the train step ahead of time for batches with these keys; returns the seconds it took
-        (for the step the planner already compiled to verify the plan, the seconds that took)."""
-        keys = frozenset(batch_keys)
+    def compile(self, batch_keys: Iterable[str] | None = None) -> float:
+        """Compile the train step ahead of time for batches with these keys (default: the planned batch's);
+        returns the seconds it took (for the step the planner already compiled to verify the plan, the
+        seconds that took)."""
+        keys = frozenset(self.example if batch_keys is None else batch_keys)
         if keys in self._compiled and self.compile_seconds is not None:
             return self.compile_seconds
         start = time.perf_counter()
-        spec = jax.ShapeDtypeStruct((self.batch_size, self.seq_len), jnp.int32, sharding=self.batch_sharding)
-        self._compiled[keys] = self._step.lower(self.state, {k: spec for k in keys}, self._rest).compile()
+        token_ids = jax.ShapeDtypeStruct((self.batch_size, self.seq_len), jnp.int32)
+        specs = {k: self.example.get(k, token_ids) for k in keys}
+        specs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.batch_sharding) for k, v in specs.items()}
+        self._compiled[keys] = self._step.lower(self.state, specs, self._rest).compile()
         self.compile_seconds = time.perf_counter() - start
         return self.compile_seconds
 
@@ -165,8 +208,8 @@ class Trainer:
         loss_sum, tokens = 0.0, 0
         for batch in batches:
             out = jax.device_get(self._eval(self.state.params, self.device_batch(batch), self._rest))
-            loss_sum, tokens = loss_sum + float(out["loss_sum"]), tokens + int(out["tokens"])
-        return loss_sum / max(tokens, 1)
+            loss_sum, tokens = loss_sum + float(out["loss_sum"]), tokens + float(out["tokens"])
+        return loss_sum / (tokens or 1)
 
     @property
     def model(self) -> nnx.Module:

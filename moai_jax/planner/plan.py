@@ -9,6 +9,7 @@ import dataclasses
 import json
 from typing import Any
 
+from moai_jax.sharding.infer import describe
 from moai_jax.sharding.mesh import MeshShape
 
 LOSS_MODES = ("whole", "chunked")
@@ -38,6 +39,7 @@ class Plan:
     planning_seconds: dict[str, float] | None = None  # rank, verify, total
     candidates_considered: int | None = None
     candidates_fitting: int | None = None  # whose estimated memory fits the budget
+    parameter_shardings: dict[str, str] | None = None  # a user's model: parameter path → where its sharding came from
 
     @property
     def batch_per_device(self) -> float:
@@ -54,7 +56,10 @@ class Plan:
                 f"compute {self.compute_dtype}")
 
     def __str__(self) -> str:
-        return f"{self.summary()}\nwhy: {self.why}"
+        text = f"{self.summary()}\nwhy: {self.why}"
+        if self.parameter_shardings:
+            text += "\n" + describe(self.parameter_shardings)
+        return text
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
