@@ -62,7 +62,8 @@ class Scored:
 
     def describe(self) -> dict:
         m = self.mesh
-        return {"mesh": {"data": m.data, "fsdp": m.fsdp, "tensor": m.tensor}, "micro_batches": self.micro_batches,
+        return {"mesh": {"stage": m.stage, "data": m.data, "fsdp": m.fsdp, "tensor": m.tensor},
+                "micro_batches": self.micro_batches,
                 "remat": self.remat, "loss": "whole", "estimated_bytes_per_device": self.memory["total"],
                 "estimated_step_seconds": round(self.seconds["total"], 6)}
 
