@@ -9,6 +9,7 @@ otherwise says how to start JAX right.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 
@@ -17,6 +18,7 @@ from moai_jax.errors import FlavorError
 
 GB = 10**9
 GiB = 2**30
+MAX_SIMULATED_DEVICES = 1024  # beyond this, XLA takes minutes and gigabytes just to create the CPU devices
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +80,20 @@ def parse_flavor(value: object) -> int:
     return flavor
 
 
+def host_available_memory() -> int:
+    """Bytes of memory this host can still give (Linux: MemAvailable, within a cgroup's limit if any)."""
+    try:
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        with open("/sys/fs/cgroup/memory.max") as limit, open("/sys/fs/cgroup/memory.current") as used:
+            return min(available, int(limit.read()) - int(used.read()))
+    except (OSError, ValueError):  # no cgroup v2 limit ("max")
+        return available
+
+
 def simulate_devices(flavor: int) -> int:
     """Ask JAX for this process's share of `flavor` host devices (all of them when it is alone), if its
     backends have not started yet (no-op otherwise), and return that share. Joins the process's job
@@ -88,8 +104,8 @@ def simulate_devices(flavor: int) -> int:
     count = distributed.local_share(flavor)
     xla_flags.apply()
     try:
-        if jax.config.jax_num_cpu_devices < count:
-            jax.config.update("jax_num_cpu_devices", count)
+        if jax.config.jax_num_cpu_devices < min(count, MAX_SIMULATED_DEVICES):
+            jax.config.update("jax_num_cpu_devices", min(count, MAX_SIMULATED_DEVICES))
     except RuntimeError:
         pass  # backends already started; Accelerator reports it if the count falls short
     return count
@@ -111,6 +127,9 @@ class Accelerator:
         if jax.process_count() > 1:
             devices = _share_of_each_process(devices, share)
         if len(devices) < self.flavor:
+            if self.platform == "cpu" and share > MAX_SIMULATED_DEVICES:
+                raise FlavorError(f"flavor {self.flavor} is beyond the {MAX_SIMULATED_DEVICES} devices moai_jax can "
+                                  f"simulate on a CPU; choose a flavor of at most {MAX_SIMULATED_DEVICES}")
             if self.platform == "cpu":
                 raise FlavorError(
                     f"JAX started with {len(devices)} CPU devices, flavor {self.flavor} needs {self.flavor}: create the "
@@ -127,6 +146,11 @@ class Accelerator:
         if devices_per_host is None and jax.process_count() > 1:  # the real topology: processes per machine
             hosts = distributed.hosts()
             devices_per_host = share * hosts.count(hosts[jax.process_index()])
+        # Simulated CPU devices share this host's memory: each gets its share of what is available.
+        self.host_memory = None
+        if self.platform == "cpu" and (hardware or detected) == "cpu" and device_memory is None:
+            self.host_memory = host_available_memory()
+            device_memory = self.host_memory // (devices_per_host if jax.process_count() > 1 else self.flavor)
         self.hardware = hardware_profile(hardware or detected, device_memory=device_memory,
                                          devices_per_host=devices_per_host)
 

@@ -119,7 +119,7 @@ def train(args: argparse.Namespace, flavor: int, checkpoints) -> int:
     if args.save_model_dir:
         check_writable(Path(args.save_model_dir), "--save-model-dir")
 
-    from moai_jax.planner.memory import parse_bytes
+    from moai_jax.sizes import parse_bytes
 
     memory = parse_bytes(args.device_memory) if args.device_memory else None
     accelerator = Accelerator(flavor, args.hardware, device_memory=memory, devices_per_host=args.devices_per_host)

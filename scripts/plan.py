@@ -54,7 +54,7 @@ def run(args) -> int:
     from moai_jax.models import ModelConfig
     from moai_jax.planner import plan
     from moai_jax.planner.explain import table
-    from moai_jax.planner.memory import parse_bytes
+    from moai_jax.sizes import parse_bytes
     from moai_jax.sharding.mesh import MeshShape
 
     config = (ModelConfig.from_pretrained(args.model) if Path(args.model).is_dir() else ModelConfig.preset(args.model))

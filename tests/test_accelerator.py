@@ -1,8 +1,10 @@
 """Flavors: what a user may ask for, and the errors that say what to change."""
 
+import jax
 import pytest
 
-from moai_jax.accelerator import Accelerator, detect_hardware, hardware_profile, parse_flavor
+from moai_jax import accelerator
+from moai_jax.accelerator import HARDWARE, Accelerator, detect_hardware, hardware_profile, parse_flavor
 from moai_jax.errors import FlavorError
 from moai_jax.sharding.mesh import MeshShape, check_mesh
 
@@ -20,8 +22,21 @@ def test_flavor_uses_that_many_simulated_devices():
 
 
 def test_flavor_beyond_the_started_devices_says_how_to_start_jax():
+    jax.devices()  # the backends have started (with 8 devices), as in any test run after the first
     with pytest.raises(FlavorError, match="xla_force_host_platform_device_count=16"):
         Accelerator(16)
+    with pytest.raises(FlavorError, match="beyond the 1024 devices moai_jax can simulate on a CPU"):
+        Accelerator(10**9)
+
+
+def test_simulated_devices_share_the_hosts_available_memory(monkeypatch):
+    monkeypatch.setattr(accelerator, "host_available_memory", lambda: 8 * 2**30 + 7)
+    acc = Accelerator(8)
+    assert acc.host_memory == 8 * 2**30 + 7 and acc.hardware.memory_bytes == 2**30  # its share, not cpu's 16 GiB
+    assert Accelerator(8, "cpu").hardware.memory_bytes == 2**30
+    assert Accelerator(8, device_memory=300 * 10**6).hardware.memory_bytes == 300 * 10**6  # given: kept
+    planned_for = Accelerator(8, "h100")  # planning for other hardware on this CPU keeps its profile
+    assert planned_for.hardware.memory_bytes == HARDWARE["h100"].memory_bytes and planned_for.host_memory is None
 
 
 def test_hardware_profile_overrides_and_unknown_names():

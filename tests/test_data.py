@@ -1,6 +1,7 @@
 """Data pipeline: formats, packing, global batches per process, resume, tokenizers, bad input."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -241,7 +242,9 @@ def test_byte_tokenizer_saves_as_a_hugging_face_tokenizer(tmp_path):
     [
         (lambda d: d / "missing.jsonl", {}, "no data set file or folder at .*missing.jsonl"),
         (lambda d: write_jsonl(d / "empty.jsonl", []), {}, "data set .*empty.jsonl is empty"),
-        (lambda d: write_jsonl(d / "blank.jsonl", [{"text": " "}]), {}, "has no text in its text column"),
+        (lambda d: write_jsonl(d / "blank.jsonl", [{"text": " "}]), {}, "has no row to train on: .*text is empty"),
+        (lambda d: write_jsonl(d / "typed.jsonl", [{"instruction": 5, "output": None}]), {},
+         r"no row to train on: dropped 1 of 1 rows of the train split: instruction is int, not text in row 1 "),
         (lambda d: write_jsonl(d / "qa.jsonl", [{"question": "q", "answer": "a"}]), {},
          r"has columns question, answer, but moai_jax reads \(instructions: messages, instruction/output"),
         (lambda d: write_jsonl(d / "qa.jsonl", [{"text": "a"}]), {"format": "summarization"}, "the summarization format reads"),
@@ -264,6 +267,16 @@ def test_too_few_rows_for_a_batch(tmp_path):
         Batches(data, 16, process_count=2)
     with pytest.raises(DataError, match="does not split over 4 processes"):
         Batches(data, 6, process_count=4)
+
+
+def test_rows_that_cannot_be_trained_on_are_named(tmp_path):
+    bad = [{"instruction": "say hi", "output": None}, {"instruction": ["a list"], "output": "x"}, {"instruction": "a", "output": " "}]
+    data = load(write_jsonl(tmp_path / "d.jsonl", EXAMPLES[:3] + bad), tmp_path=tmp_path, eval_fraction=0)
+    note = ("dropped 3 of 6 rows of the train split: instruction is list, not text in row 5; output is empty in "
+            "rows 4, 6 (rows numbered from 1)")
+    assert data.dropped == note and note in data.summary()
+    with pytest.raises(DataError, match=re.escape(f"2 rows of 128 tokens, fewer than one batch of 8; use a batch size of at most 2 (--batch-size) or a smaller block size; {note}")):
+        Batches(data, 8)
 
 
 def test_missing_model_folder():

@@ -20,9 +20,10 @@ from moai_jax.errors import FlavorError, MoaiError, NoPlanFits
 from moai_jax.models import Decoder, ModelConfig
 from moai_jax.optimizer import adamw
 from moai_jax.planner import Plan, plan
-from moai_jax.planner.memory import estimate_bytes, parse_bytes
+from moai_jax.planner.memory import estimate_bytes
 from moai_jax.planner.verify import verify
 from moai_jax.sharding.mesh import MeshShape
+from moai_jax.sizes import parse_bytes
 from moai_jax.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +46,7 @@ def test_seed_story_on_mi250():
     fixed = small[1]
     assert (big.mesh, big.micro_batches, big.remat) != (fixed.mesh, fixed.micro_batches, fixed.remat)
     assert big.mesh.tensor > 1 or big.micro_batches > 1 or big.remat == "full"
-    with pytest.raises(NoPlanFits, match="out of memory.*bytes.*available"):
+    with pytest.raises(NoPlanFits, match="out of memory.*GiB per device.*available"):
         plan(LLAMA3_8B, 512, 1024, target(16, "mi250"), verify=False, data=fixed.mesh.data, fsdp=fixed.mesh.fsdp,
              tensor=1, micro_batches=1, remat=fixed.remat, loss=fixed.loss)
 

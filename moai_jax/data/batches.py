@@ -41,9 +41,10 @@ class Batches:
         if rows < batch_size and split == "train":
             fits = rows - rows % process_count
             advice = f"use a batch size of at most {fits} (--batch-size)" if fits else "use more data"
+            dropped = f"; {data.dropped}" if getattr(data, "dropped", "") else ""
             raise DataError(
                 f"the {split} split has {rows} rows of {data.block_size} tokens, fewer than one batch of {batch_size}; "
-                f"{advice} or a smaller block size"
+                f"{advice} or a smaller block size{dropped}"
             )
         self.batch_size, self.seed, self.split = batch_size, seed, split
         self.steps_per_epoch = rows // batch_size if split == "train" else -(-rows // batch_size)

@@ -15,6 +15,10 @@ falls on the answer and the eos after it only. Chat `messages` use the tokenizer
 (loss on every assistant turn); a tokenizer without one renders `### Role:\\ncontent\\n\\n` per message.
 Text is trained on every token. Except with a chat template (which writes its own), each example
 starts with the tokenizer's bos and ends with its eos, where it has them.
+
+An example that cannot be trained on is dropped, with its reason (`problem`): a column holding
+something other than text (a number, a list), an empty answer, a conversation without an
+assistant turn. `load_dataset` reports which rows were dropped and why.
 """
 
 from __future__ import annotations
@@ -93,14 +97,32 @@ def _chat(tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
     return pieces + [(render(messages, False)[len(done) :], False)]
 
 
-def render(format: Format, example: dict, tokenizer) -> list[tuple[str, bool]] | None:
-    """One example as (text, is_answer) pieces; None for an empty text."""
+def problem(format: Format, example: dict) -> str | None:
+    """Why an example cannot be trained on (None when it can): a value that is not text, or no answer."""
+    if format.columns == ("messages",):
+        messages = example["messages"]
+        turns = isinstance(messages, list) and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), (str, type(None)))
+            for m in messages)
+        if not turns:
+            return "messages is not a list of {role, content} texts"
+        return None if any(m["role"] == "assistant" for m in messages) else "messages has no assistant turn"
+    optional = ("input",) if format.columns == ("instruction", "output") else ()
+    for column in format.columns + optional:
+        value = example.get(column)
+        if value is not None and not isinstance(value, str):
+            return f"{column} is {type(value).__name__}, not text"
+    answer = format.columns[-1]
+    return None if (example[answer] or "").strip() else f"{answer} is empty"
+
+
+def render(format: Format, example: dict, tokenizer) -> list[tuple[str, bool]]:
+    """One example (one without a `problem`) as (text, is_answer) pieces."""
     columns = format.columns
     if columns == ("text",):
-        text = _text(example["text"])
-        return [(text, True)] if text.strip() else None
+        return [(example["text"], True)]
     if columns == ("messages",):
-        return _chat(tokenizer, example["messages"] or [])
+        return _chat(tokenizer, example["messages"])
     if columns == ("instruction", "output"):
         prompt = _alpaca(_text(example["instruction"]), _text(example.get("input")))
     elif columns == ("prompt", "response"):
@@ -112,28 +134,31 @@ def render(format: Format, example: dict, tokenizer) -> list[tuple[str, bool]] |
 
 @dataclass(frozen=True)
 class Tokenize:
-    """The `datasets.map` function (batched): examples → `input_ids` and `loss_mask` per document."""
+    """The `datasets.map` function (batched): examples → `input_ids` and `loss_mask` per document, and
+    `dropped`, the reason an example was left out ("" when it was not; its ids are then empty)."""
 
     format: Format
     tokenizer: object
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         size = len(next(iter(batch.values())))
-        docs = [render(self.format, {k: v[i] for k, v in batch.items()}, self.tokenizer) for i in range(size)]
-        docs = [d for d in docs if d is not None]
-        texts = [text for doc in docs for text, _ in doc]
+        examples = [{k: v[i] for k, v in batch.items()} for i in range(size)]
+        reasons = [problem(self.format, example) or "" for example in examples]
+        docs = [None if reason else render(self.format, example, self.tokenizer)
+                for example, reason in zip(examples, reasons)]
+        texts = [text for doc in docs if doc is not None for text, _ in doc]
         ids = iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
         templated = self.format.columns == ("messages",) and getattr(self.tokenizer, "chat_template", None)
         bos = None if templated else getattr(self.tokenizer, "bos_token_id", None)
         eos = None if templated else getattr(self.tokenizer, "eos_token_id", None)
-        out = {"input_ids": [], "loss_mask": []}
+        out = {"input_ids": [], "loss_mask": [], "dropped": reasons}
         for doc in docs:
-            tokens, mask = ([bos], [0]) if bos is not None else ([], [])
-            for _, is_answer in doc:
+            tokens, mask = ([bos], [0]) if bos is not None and doc is not None else ([], [])
+            for _, is_answer in doc or ():
                 piece = list(next(ids))
                 tokens += piece
                 mask += [int(is_answer)] * len(piece)
-            if eos is not None:
+            if eos is not None and doc is not None:
                 tokens.append(eos)
                 mask.append(1)
             out["input_ids"].append(tokens)

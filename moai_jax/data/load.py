@@ -26,6 +26,8 @@ class TokenizedData:
     packing: bool
     train: Rows
     eval: Rows
+    dropped: str = ""  # which rows were left out and why, "" when none
+
 
     @property
     def packing_efficiency(self) -> float:
@@ -41,9 +43,10 @@ class TokenizedData:
         """One line for the log."""
         layout = "packed" if self.packing else "padded"
         cut = f", {self.train.split_documents:,} documents longer than the block cut" if self.train.split_documents else ""
+        dropped = f"; {self.dropped}" if self.dropped else ""
         return (
             f"data: {self.source} ({self.format}), {len(self.train):,} train / {len(self.eval):,} eval rows "
-            f"of {self.block_size} tokens, {layout}, efficiency {self.packing_efficiency:.1%}{cut}"
+            f"of {self.block_size} tokens, {layout}, efficiency {self.packing_efficiency:.1%}{cut}{dropped}"
         )
 
 
@@ -113,21 +116,38 @@ def _read(name_or_path: str, cache_dir: str | None) -> dict:
     return {"train": loaded} if isinstance(loaded, datasets.Dataset) else dict(loaded)
 
 
-def _tokenize(dataset, tokenize: Tokenize) -> Documents:
-    """All documents of a `datasets.Dataset`, tokenized (cached by `datasets`) into flat arrays."""
+def _tokenize(dataset, tokenize: Tokenize) -> tuple[Documents, dict[str, list[int]]]:
+    """The documents of a `datasets.Dataset`, tokenized (cached by `datasets`) into flat arrays, and the
+    rows left out: reason → row numbers, counting from 1."""
     import datasets
 
-    features = datasets.Features({"input_ids": datasets.List(datasets.Value("int32")), "loss_mask": datasets.List(datasets.Value("int8"))})
+    features = datasets.Features({"input_ids": datasets.List(datasets.Value("int32")),
+                                  "loss_mask": datasets.List(datasets.Value("int8")), "dropped": datasets.Value("string")})
     mapped = dataset.map(tokenize, batched=True, remove_columns=dataset.column_names, features=features, desc="Tokenizing")
     columns = mapped.with_format("arrow")[:]
     ids, mask = columns["input_ids"].combine_chunks(), columns["loss_mask"].combine_chunks()
     offsets = ids.offsets.to_numpy()
-    return Documents(
+    docs = Documents(
         tokens=ids.values.to_numpy(),
         loss_mask=mask.values.to_numpy(),
         starts=offsets[:-1].astype(np.int64),
         lengths=np.diff(offsets).astype(np.int64),
     )
+    reasons = np.asarray(columns["dropped"].to_pylist(), dtype=object)
+    dropped = {reason: (np.flatnonzero(reasons == reason) + 1).tolist() for reason in sorted(set(reasons) - {""})}
+    return docs.take(np.flatnonzero(reasons == "")), dropped
+
+
+def _dropped_note(dropped: dict[str, list[int]], split: str, total: int) -> str:
+    """E.g. "dropped 3 of 40 rows of the train split: output is empty in rows 2, 7; instruction is int, not text in
+    row 9 (rows numbered from 1)"."""
+    def rows(numbers: list[int]) -> str:
+        more = f" and {len(numbers) - 5:,} more" if len(numbers) > 5 else ""
+        return f"row{'s' if len(numbers) > 1 else ''} {', '.join(map(str, numbers[:5]))}{more}"
+
+    count = sum(len(numbers) for numbers in dropped.values())
+    reasons = "; ".join(f"{reason} in {rows(numbers)}" for reason, numbers in dropped.items())
+    return f"dropped {count:,} of {total:,} rows of the {split} split: {reasons} (rows numbered from 1)" if count else ""
 
 
 def load_dataset(
@@ -153,11 +173,15 @@ def load_dataset(
         raise DataError(f"data set {source} is empty")
     chosen = detect_format(splits[train_name].column_names, format, source)
     tokenize = Tokenize(chosen, tokenizer)
-    docs = _tokenize(splits[train_name], tokenize)
+    docs, dropped = _tokenize(splits[train_name], tokenize)
+    notes = [_dropped_note(dropped, train_name, len(splits[train_name]))]
     if len(docs) == 0:
-        raise DataError(f"data set {source} has no text in its {', '.join(chosen.columns)} column")
+        why = notes[0] or f"its {', '.join(chosen.columns)} column holds no text"
+        raise DataError(f"data set {source} has no row to train on: {why}; fix those rows or pick another format")
     if eval_name is not None:
-        train_docs, eval_docs = docs, _tokenize(splits[eval_name], tokenize)
+        eval_docs, eval_dropped = _tokenize(splits[eval_name], tokenize)
+        train_docs = docs
+        notes.append(_dropped_note(eval_dropped, eval_name, len(splits[eval_name])))
     else:
         held = max(1, int(len(docs) * eval_fraction)) if eval_fraction > 0 and len(docs) > 1 else 0
         order = np.random.default_rng(seed).permutation(len(docs))
@@ -170,4 +194,5 @@ def load_dataset(
         packing=packing,
         train=make_rows(train_docs, block_size, pad_id, packing),
         eval=make_rows(eval_docs, block_size, pad_id, packing),
+        dropped="; ".join(filter(None, notes)),
     )

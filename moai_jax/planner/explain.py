@@ -5,12 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from moai_jax.planner.plan import Plan
+from moai_jax.sizes import format_bytes
 
 TOP_ALTERNATIVES = 5
-
-
-def gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
 
 
 def _compact(s) -> dict[str, Any]:
@@ -46,8 +43,8 @@ def alternatives(chosen, fits, over, budget: int, rejected) -> list[dict[str, An
     faster_over = [s for s in over if s.seconds["total"] < chosen.seconds["total"]]
     faster_over.sort(key=lambda s: s.seconds["total"])
     for s in faster_over[:2]:
-        out.append({**_compact(s), "why_not": f"faster but needs {gib(s.memory['total'])}, over the "
-                                              f"{gib(budget)} budget"})
+        out.append({**_compact(s), "why_not": f"faster but needs {format_bytes(s.memory['total'])}, over the "
+                                              f"{format_bytes(budget)} budget"})
     return out
 
 
@@ -109,11 +106,11 @@ def table(plan: Plan) -> str:
              f"  chosen: {plan.summary()}", f"  why:    {plan.why}", "", "  memory per device (estimated)"]
     for k, v in m.items():
         if k != "total" and v:
-            lines.append(f"    {k:<12} {gib(v):>12}")
+            lines.append(f"    {k:<12} {format_bytes(v):>12}")
     budget = plan.budget_bytes_per_device or 0
-    lines.append(f"    {'total':<12} {gib(m.get('total', 0)):>12}   budget {gib(budget)}")
+    lines.append(f"    {'total':<12} {format_bytes(m.get('total', 0)):>12}   budget {format_bytes(budget)}")
     if plan.verified_bytes_per_device is not None:
-        lines.append(f"    {'compiled':<12} {gib(plan.verified_bytes_per_device):>12}   on {plan.verified_on}")
+        lines.append(f"    {'compiled':<12} {format_bytes(plan.verified_bytes_per_device):>12}   on {plan.verified_on}")
     piped = f", bubble {t.get('bubble', 0):.3f}, stage {t.get('stage', 0):.3f}" if plan.mesh.stage > 1 else ""
     lines += ["", f"  step {t.get('total', 0):.3f} s (compute {t.get('compute', 0):.3f}, data {t.get('data', 0):.3f}, "
                   f"fsdp {t.get('fsdp', 0):.3f}, tensor {t.get('tensor', 0):.3f}{piped}) | "
@@ -123,7 +120,7 @@ def table(plan: Plan) -> str:
         for a in plan.alternatives:
             mesh = "x".join(str(a["mesh"].get(k, 1)) for k in ("stage", "data", "fsdp", "tensor"))
             lines.append(f"    s×d×f×t {mesh:<11} mb {a['micro_batches']:<3} remat {a['remat']:<7} loss "
-                         f"{a['loss']:<7} {gib(a['estimated_bytes_per_device']):>11} "
+                         f"{a['loss']:<7} {format_bytes(a['estimated_bytes_per_device']):>11} "
                          f"{a['estimated_step_seconds']:8.3f} s  {a['why_not']}")
     if plan.planning_seconds:
         lines += ["", "  planned in " + ", ".join(f"{k} {v:.2f} s" for k, v in plan.planning_seconds.items())]

@@ -47,23 +47,6 @@ CODE_BYTES = 0
 PIPELINE_COPIES = 2.0  # [batch, length, embed] buffers of a pipeline: stage inputs and outputs (or their gradients)
 
 
-def parse_bytes(text: str) -> int:
-    """A memory size as users write it ("64GB", "300MB", "16GiB", "1e9") → bytes."""
-    from moai_jax.errors import FlavorError
-
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
-             "GIB": 2**30, "TIB": 2**40}
-    t = str(text).strip().upper().replace(" ", "")
-    number = t.rstrip("KMGTIB")
-    try:
-        value = float(number) * units[t[len(number):]]
-    except (ValueError, KeyError):
-        raise FlavorError(f"device memory {text!r}: write it like 64GB, 300MB or 16GiB") from None
-    if value < 1:
-        raise FlavorError(f"device memory {text!r} must be positive")
-    return int(value)
-
-
 def param_shapes(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
     """Every parameter's shape and logical axis names, as `models.Decoder` creates them."""
     c = config

@@ -17,11 +17,12 @@ from moai_jax.errors import FlavorError, NoPlanFits
 from moai_jax.models import ModelConfig, flops_per_token
 from moai_jax.models.llama import REMAT_POLICIES
 from moai_jax.planner.candidates import Candidate, Fixed, candidates, check_fixed
-from moai_jax.planner.explain import alternatives, gib, why_chosen
+from moai_jax.planner.explain import alternatives, why_chosen
 from moai_jax.planner.memory import estimate_bytes
 from moai_jax.planner.plan import Plan
 from moai_jax.planner.time_model import estimate_seconds
 from moai_jax.planner.verify import verify as verify_plan
+from moai_jax.sizes import format_bytes
 from moai_jax.step import Verified
 
 MAX_VERIFIES = 3  # candidates compiled before giving up on verification
@@ -82,6 +83,20 @@ def smallest_flavor(config, batch_size, seq_len, hardware, memory_fraction, fixe
     return None
 
 
+def host_hint(config, batch_size, seq_len, accelerator, budget, fixed: Fixed, compute_dtype, needed: int,
+              memory_fraction: float) -> str:
+    """What would fit when simulated devices share one host's memory (more of them would not help):
+    the largest halved batch that fits, and the host memory the asked-for batch needs."""
+    flavor, hardware = accelerator.flavor, accelerator.hardware
+    halved = (batch_size >> i for i in range(1, batch_size.bit_length()))
+    smaller = next((b for b in halved if rank(config, b, seq_len, flavor, hardware, budget, fixed, compute_dtype)[0]),
+                   None)
+    return (f"the {flavor} simulated device(s) share this host's {format_bytes(accelerator.host_memory)} of available "
+            f"memory: {f'batch {smaller} fits, or ' if smaller else ''}batch {batch_size} needs a host with about "
+            f"{format_bytes(needed * flavor / memory_fraction)} available (or plan for real devices with "
+            f"--hardware, e.g. h100)")
+
+
 def plan(model_config: ModelConfig, batch_size: int, seq_len: int, accelerator: Accelerator,
          memory_fraction: float = 0.8, *, verify: bool = True, data: int | None = None, fsdp: int | None = None,
          tensor: int | None = None, micro_batches: int | None = None, remat: str | None = None,
@@ -138,23 +153,28 @@ def plan(model_config: ModelConfig, batch_size: int, seq_len: int, accelerator: 
             return dataclasses.replace(chosen, verified_bytes_per_device=result.bytes_per_device,
                                        verified_on=result.backend, planning_seconds=timing)
         compiled.append(result.bytes_per_device)
-        rejected.append((s, f"compiled to {gib(result.bytes_per_device)} on {result.backend}, over the "
-                            f"{gib(budget)} budget"))
+        rejected.append((s, f"compiled to {format_bytes(result.bytes_per_device)} on {result.backend}, over the "
+                            f"{format_bytes(budget)} budget"))
 
     best = rejected[0][0] if rejected else over[0]
     needed = max(compiled[0] if compiled else best.memory["total"], budget + 1)
+    shared = getattr(accelerator, "host_memory", None)  # simulated devices share this host's memory
+    if shared:
+        hint = host_hint(model_config, batch_size, seq_len, accelerator, budget, fixed, compute_dtype, needed,
+                         memory_fraction)
     if all(v is not None for v in (data, fsdp, tensor, micro_batches, remat)):
         raise NoPlanFits(
-            f"out of memory: the fixed plan ({best.candidate.describe()}) needs {needed:,} bytes "
-            f"({gib(needed)}) per device but {budget:,} bytes ({gib(budget)}) are available "
-            f"({memory_fraction:g} × {gib(hardware.memory_bytes)} of {hardware.name}); use a larger flavor, a "
-            f"smaller batch, or leave knobs automatic")
-    bigger = smallest_flavor(model_config, batch_size, seq_len, hardware, memory_fraction, fixed, flavor)
-    hint = (f"the smallest flavor that fits is {bigger}" if bigger
-            else "no flavor up to 4096 fits; reduce the batch size or sequence length")
+            f"out of memory: the fixed plan ({best.candidate.describe()}) needs {format_bytes(needed)} per device "
+            f"but {format_bytes(budget)} are available "
+            f"({memory_fraction:g} × {format_bytes(hardware.memory_bytes)} of {hardware.name}); "
+            + (hint if shared else "use a larger flavor, a smaller batch, or leave knobs automatic"))
+    if not shared:
+        bigger = smallest_flavor(model_config, batch_size, seq_len, hardware, memory_fraction, fixed, flavor)
+        hint = (f"the smallest flavor that fits is {bigger}" if bigger
+                else "no flavor up to 4096 fits; reduce the batch size or sequence length")
     fixed_text = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(fixed).items() if v is not None)
     raise NoPlanFits(
         f"no plan fits {flavor} × {hardware.name} at batch {batch_size} × {seq_len}"
         f"{' with ' + fixed_text if fixed_text else ''}: the best found ({best.candidate.describe()}) needs "
-        f"{gib(needed)} per device, {gib(needed - budget)} ({needed - budget:,} bytes) over the budget of "
-        f"{gib(budget)}; {hint}")
+        f"{format_bytes(needed)} per device, {format_bytes(needed - budget)} over the budget of "
+        f"{format_bytes(budget)}; {hint}")
