@@ -86,6 +86,7 @@ class Checkpoints:
 
     def __init__(self, directory: str | Path, *, keep: int | None = 3, writable: bool = True):
         self.directory = Path(directory).absolute()
+        self.writable = writable
         if keep is not None and keep < 1:
             raise CheckpointError(f"--keep must be at least 1, not {keep}")
         if writable:
@@ -107,9 +108,12 @@ class Checkpoints:
 
     def _step_or_latest(self, step: int | None) -> int:
         steps = self.steps()
-        if not steps:
+        if not steps and self.writable:  # a run resuming
             raise CheckpointError(f"no checkpoint in {self.directory} to resume from; run without --resume to "
                                   "start fresh, or pass the --checkpoint-dir of an earlier run")
+        if not steps:  # reading a run's checkpoints: export, generation
+            raise CheckpointError(f"no checkpoint in {self.directory}; pass the --checkpoint-dir of a finetune.py "
+                                  "run that saved one (it saves every --save-steps steps and at the end)")
         if step is None:
             return steps[-1]
         if step not in steps:

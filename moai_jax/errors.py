@@ -1,5 +1,6 @@
 """The errors a user can cause. Each message says what to change; scripts print it as one line and exit 2."""
 
+import math
 import sys
 
 
@@ -33,6 +34,23 @@ class CheckpointError(MoaiError):
 
 class NoPlanFits(MoaiError):
     """No parallelization plan fits the device memory."""
+
+
+class SettingError(MoaiError):
+    """A setting that cannot be meant or used: a negative learning rate, a metrics file that cannot be written."""
+
+
+def check_range(name: str, value: float | None, low: float, high: float | None = None, *, above: bool = False) -> None:
+    """A SettingError unless `value` is None or a finite number from `low` (exclusive when `above`) to `high`."""
+    if value is None:
+        return
+    if math.isfinite(value) and (value > low if above else value >= low) and (high is None or value <= high):
+        return
+    if high is not None:
+        span = f"in {'(' if above else '['}{low:g}, {high:g}]"
+    else:
+        span = f"above {low:g}" if above else f"at least {low:g}"
+    raise SettingError(f"{name} must be {span}, not {value}")
 
 
 def report_error(error: MoaiError) -> int:

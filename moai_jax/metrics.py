@@ -15,6 +15,8 @@ from typing import Any, TextIO
 import jax
 import numpy as np
 
+from moai_jax.errors import SettingError
+
 
 def step_line(step: int, total: int, loss: float, duration: float, tokens_per_sec: float) -> str:
     """MoAI's log line; the loss at its full float32 precision (shortest exact form)."""
@@ -47,13 +49,18 @@ class StepTimer:
 
 
 class MetricsFile:
-    """One JSON object per logged step (and TensorBoard scalars when tensorboardX is installed)."""
+    """One JSON object per logged step (and TensorBoard scalars when tensorboardX is installed).
+    Opened at once, so a path that cannot be written fails before any work."""
 
     def __init__(self, path: str | Path | None, tensorboard_dir: str | Path | None = None):
         self._file: TextIO | None = None
         if path:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(path, "a", buffering=1)
+            try:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                self._file = open(path, "a", buffering=1)
+            except OSError as e:
+                raise SettingError(f"cannot write the metrics file {path} ({e.strerror or type(e).__name__}); pass a "
+                                   "--metrics-file this user can write to") from None
         self._board = None
         if tensorboard_dir:
             from tensorboardX import SummaryWriter
@@ -72,6 +79,12 @@ class MetricsFile:
             self._file.close()
         if self._board:
             self._board.close()
+
+    def __enter__(self) -> MetricsFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def summary(steps: int, tokens: int, tokens_per_sec: list[float], final_loss: float | None, model_dir: str | None) -> str:

@@ -82,28 +82,40 @@ def main(argv: list[str] | None = None) -> int:
         return report_error(e)
 
 
+def check_settings(args: argparse.Namespace) -> None:
+    """Refuse numbers that cannot be meant (a negative or NaN learning rate, a fraction above 1), before any work."""
+    from moai_jax.errors import check_range
+
+    for name in ("batch_size", "block_size", "epochs", "log_interval", "max_steps", "save_steps", "devices_per_host"):
+        check_range(f"--{name.replace('_', '-')}", getattr(args, name), 1)
+    for name in ("warmup_steps", "eval_step", "seed", "weight_decay"):
+        check_range(f"--{name.replace('_', '-')}", getattr(args, name), 0)
+    check_range("--lr", args.lr, 0, above=True)
+    check_range("--memory-fraction", args.memory_fraction, 0, 1, above=True)
+
+
 def run(args: argparse.Namespace) -> int:
+    import jax
+
     from moai_jax import distributed
     from moai_jax.accelerator import parse_flavor, simulate_devices
-    from moai_jax.errors import FlavorError
+    from moai_jax.metrics import MetricsFile
 
     distributed.join_from_args(args)  # alone, or one process of several: before JAX starts its backends
     distributed.agree("arguments", {k: v for k, v in vars(args).items() if k != "process_id"},
                       "start every process with the same arguments")
     flavor = parse_flavor(args.flavor)
     simulate_devices(flavor)  # before JAX starts its backends
-    for name in ("batch_size", "block_size", "epochs", "log_interval"):
-        if getattr(args, name) < 1:
-            raise FlavorError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
-    if args.max_steps is not None and args.max_steps < 1:
-        raise FlavorError(f"--max-steps must be at least 1, not {args.max_steps}")
-    checkpoints = open_checkpoints(args)  # before any work: a bad folder fails fast
-    # on every way out, the last save is finished; of several processes, only process 0 prints
-    with checkpoints or contextlib.nullcontext(), distributed.only_first_prints():
-        return train(args, flavor, checkpoints)
+    check_settings(args)
+    # before any work: a metrics file or checkpoint folder that cannot be written fails fast
+    with MetricsFile(args.metrics_file if jax.process_index() == 0 else None) as metrics_file:  # one line per step
+        checkpoints = open_checkpoints(args)
+        # on every way out, the last save is finished; of several processes, only process 0 prints
+        with checkpoints or contextlib.nullcontext(), distributed.only_first_prints():
+            return train(args, flavor, checkpoints, metrics_file)
 
 
-def train(args: argparse.Namespace, flavor: int, checkpoints) -> int:
+def train(args: argparse.Namespace, flavor: int, checkpoints, metrics_file) -> int:
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -112,7 +124,8 @@ def train(args: argparse.Namespace, flavor: int, checkpoints) -> int:
     from moai_jax import data
     from moai_jax.accelerator import Accelerator
     from moai_jax.checkpoint import check_writable
-    from moai_jax.metrics import MetricsFile, StepTimer, step_line, summary
+    from moai_jax.errors import SettingError
+    from moai_jax.metrics import StepTimer, step_line, summary
     from moai_jax.optimizer import adamw, learning_rate_schedule
     from moai_jax.trainer import Trainer
 
@@ -137,6 +150,8 @@ def train(args: argparse.Namespace, flavor: int, checkpoints) -> int:
     batches = data.Batches(dataset, args.batch_size, seed=args.seed, epochs=args.epochs,
                            process_index=jax.process_index(), process_count=jax.process_count())
     total = min(batches.steps, args.max_steps or batches.steps)
+    if args.warmup_steps is not None and args.warmup_steps > total:
+        raise SettingError(f"--warmup-steps {args.warmup_steps} is beyond the run's {total} steps; use at most {total}")
     lr = args.lr if args.lr is not None else (1e-5 if pretrained else 3e-3)
     schedule = learning_rate_schedule(lr, total, warmup_steps=args.warmup_steps)
     optimizer = adamw(schedule, weight_decay=args.weight_decay)
@@ -152,6 +167,8 @@ def train(args: argparse.Namespace, flavor: int, checkpoints) -> int:
     print(f"moai_jax: {config.model_type} {args.model_name_or_path} on {where}: {trainer.plan.summary()}")
     print(f"Data: {len(dataset.train)} training rows of {args.block_size} tokens, packing efficiency "
           f"{dataset.packing_efficiency:.1%}, {total} steps")
+    if dataset.dropped:
+        print(f"Data: {dataset.dropped}")
     start = 0
     if args.resume:
         saved = checkpoints.restore(trainer)
@@ -162,7 +179,6 @@ def train(args: argparse.Namespace, flavor: int, checkpoints) -> int:
               f"(saved at flavor {saved['plan']['flavor']})")
     print(f"Compiled the train step in {trainer.compile():.2f} s", flush=True)
 
-    metrics_file = MetricsFile(args.metrics_file if jax.process_index() == 0 else None)  # one line per step
     timer = StepTimer(args.batch_size * args.block_size)
     rates, final_loss = [], None
 
@@ -192,7 +208,6 @@ def train(args: argparse.Namespace, flavor: int, checkpoints) -> int:
             print(f"[Eval {step}/{total}] | Loss: {trainer.evaluate(eval_batches):.6f}", flush=True)
             timer = StepTimer(args.batch_size * args.block_size)
     report(timer.finish())
-    metrics_file.close()
 
     if args.save_model_dir:
         save_pretrained(trainer.model, args.save_model_dir)  # every process gathers, process 0 writes
@@ -211,8 +226,6 @@ def open_checkpoints(args: argparse.Namespace):
         if args.resume:
             raise CheckpointError("--resume needs --checkpoint-dir, the folder of the run to continue")
         return None
-    if args.save_steps < 1:
-        raise CheckpointError(f"--save-steps must be at least 1, not {args.save_steps}")
     checkpoints = Checkpoints(args.checkpoint_dir, keep=args.keep)
     if args.resume:
         with contextlib.ExitStack() as on_error:

@@ -43,10 +43,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run(args) -> int:
     from moai_jax import distributed
     from moai_jax.accelerator import parse_flavor, simulate_devices
+    from moai_jax.errors import check_range
 
     distributed.join_from_args(args)  # alone, or one process of several: before JAX starts its backends
     flavor = parse_flavor(args.flavor)
     simulate_devices(flavor)  # before JAX starts its backends
+    check_range("--devices-per-host", args.devices_per_host, 1)
 
     from pathlib import Path
 

@@ -270,12 +270,14 @@ def test_too_few_rows_for_a_batch(tmp_path):
 
 
 def test_rows_that_cannot_be_trained_on_are_named(tmp_path):
-    bad = [{"instruction": "say hi", "output": None}, {"instruction": ["a list"], "output": "x"}, {"instruction": "a", "output": " "}]
+    bad = [{"instruction": "say hi", "output": None}, {"instruction": ["a list"], "output": "x"},
+           {"instruction": "a", "output": " "}]
     data = load(write_jsonl(tmp_path / "d.jsonl", EXAMPLES[:3] + bad), tmp_path=tmp_path, eval_fraction=0)
     note = ("dropped 3 of 6 rows of the train split: instruction is list, not text in row 5; output is empty in "
             "rows 4, 6 (rows numbered from 1)")
     assert data.dropped == note and note in data.summary()
-    with pytest.raises(DataError, match=re.escape(f"2 rows of 128 tokens, fewer than one batch of 8; use a batch size of at most 2 (--batch-size) or a smaller block size; {note}")):
+    advice = "use a batch size of at most 2 (--batch-size) or a smaller block size"
+    with pytest.raises(DataError, match=re.escape(f"2 rows of 128 tokens, fewer than one batch of 8; {advice}; {note}")):
         Batches(data, 8)
 
 
