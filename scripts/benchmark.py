@@ -281,8 +281,10 @@ def reference_in_subprocess(args) -> dict:
 
 
 # -- reporting -------------------------------------------------------------------------------------
-def _gib(n) -> str:
-    return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
+def _size(n) -> str:
+    from moai_jax.sizes import format_bytes
+
+    return "n/a" if n is None else format_bytes(n)
 
 
 def table(results: list[dict]) -> str:
@@ -300,8 +302,8 @@ def table(results: list[dict]) -> str:
                 cells = [row["framework"], row["device"], row["dtype"], f"{r['batch_size']} × {r['block_size']}",
                          row["remat"], row.get("attention", "sdpa"), f"{row['step_seconds']:.3f}",
                          f"{row['tokens_per_sec']:,.0f}",
-                         f"{row['mfu']:.1%}", _gib(row.get("compiled_bytes_per_device")),
-                         _gib(row.get("measured_peak_bytes")), f"{ratio:.2f}×" if ratio else ""]
+                         f"{row['mfu']:.1%}", _size(row.get("compiled_bytes_per_device")),
+                         _size(row.get("measured_peak_bytes")), f"{ratio:.2f}×" if ratio else ""]
             lines.append("| " + " | ".join([r["model"], f"{r['params'] / 1e6:.1f}M"] + cells) + " |")
     return "\n".join(lines)
 
