@@ -79,7 +79,10 @@ def pipeline_verdict(s, fits, over) -> str:
                   else "stages fixed")
         return (f"pipeline of {c.mesh.stage} stages over {c.micro_batches} micro-batches (bubble "
                 f"{(c.mesh.stage - 1) / ticks:.0%} of {ticks} ticks): {versus}")
-    piped = [f for f in fits if f.candidate.mesh.stage > 1]
+    position = next(i for i, f in enumerate(fits) if f is s)  # those ranked before it compiled over budget
+    if any(f.candidate.mesh.stage > 1 for f in fits[:position]):
+        return "no pipeline: the faster plans with stages compiled over the memory budget"
+    piped = [f for f in fits[position:] if f.candidate.mesh.stage > 1]
     if piped:
         p = piped[0]
         return (f"no pipeline: the best with stages ({p.candidate.mesh.stage} stages, {p.candidate.micro_batches} "
