@@ -43,6 +43,7 @@ CASES = [
     ("medium", 8, 1, 2, 1, 16, 1024, 8, "full", "chunked", "bfloat16", 4),
     ("medium", 16, 1, 4, 2, 32, 1024, 4, "full", "chunked", "bfloat16", 2),
     ("llama3-8b", 16, 1, 2, 1, 64, 1024, 16, "full", "chunked", "bfloat16", 8),
+    ("llama3-70b", 64, 1, 8, 1, 512, 1024, 16, "full", "whole", "bfloat16", 8),
 ]
 
 

@@ -44,6 +44,7 @@ UPDATE_COPIES = 0.02  # transient parameter-sized buffers of the optimizer updat
 ATTENTION_BLOCK = 128  # the blockwise attention's key block
 ATTENTION_COPIES = 2.8  # float32 [rows, heads, length, block] scores, probabilities and their gradient
 CODE_BYTES = 0
+PIPELINE_LOGIT_COPIES = 1.0  # a pipeline's head runs once on the whole batch: whole float32 logits, fused with their gradient
 PIPELINE_COPIES = 2.0  # [batch, length, embed] buffers of a pipeline: stage inputs and outputs (or their gradients)
 
 
@@ -139,7 +140,8 @@ def estimate_bytes(config: ModelConfig, batch_size: int, seq_len: int, mesh: Mes
     logit_positions = head_rows * (min(LOSS_CHUNK, seq_len) if loss == "chunked" else seq_len)
     vocab_split = mesh.tensor * mesh.stage
     vocab = config.vocab_size // vocab_split if config.vocab_size % vocab_split == 0 else config.vocab_size
-    logits = logit_positions * vocab * 4 * LOGIT_COPIES
+    copies = PIPELINE_LOGIT_COPIES if mesh.stage > 1 and loss == "whole" else LOGIT_COPIES
+    logits = logit_positions * vocab * 4 * copies
     heads = config.num_heads // mesh.tensor if config.num_heads % mesh.tensor == 0 else config.num_heads
     attention = ATTENTION_COPIES * rows * heads * seq_len * min(ATTENTION_BLOCK, seq_len) * 4
     gathered = 0
