@@ -236,6 +236,7 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
     (the embedding lookup, norms and biases are not matmuls). Each matmul weight costs 2 FLOPs per
     token forward and 4 backward. Attention's QKᵀ and AV cost 2 · 2 · s · h · d per token and layer
     forward for full attention, ×3 with backward = 12 · L · s · h · d, halved for the causal mask.
+    Gemma 2's sliding-window layers are counted as full causal attention.
     """
     c = config
     q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim

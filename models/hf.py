@@ -325,22 +325,23 @@ def load_pretrained(path: str | Path, dtype=jnp.float32, param_dtype=jnp.float32
 def _hf_tensors(model: Decoder, dtype):
     """(Hugging Face name, shape, a function that gathers it to host) for every tensor, in order."""
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    parts: dict[str, list] = {}  # Hugging Face name → (its parts' layout, a function that reads one) in order
+    parts: dict[str, list] = {}  # Hugging Face name → (layout, shape, a function that reads it) of each part
     for tensor in _tensors(model.config, params):
         value = _get(params, tensor.path)
+        shape = tensor.layout.hf_shape(tuple(value.shape[1:] if tensor.stacked else value.shape))
         for i, name in enumerate(tensor.hf_names):
             read = (lambda v=value, i=i: v[i]) if tensor.stacked else (lambda v=value: v)
-            parts.setdefault(name, []).append((tensor.layout, read))
+            parts.setdefault(name, []).append((tensor.layout, shape, read))
     for name, pieces in parts.items():
-        layout = pieces[0][0]
+        layout, shape, _ = pieces[0]
 
         def gather(pieces=pieces, axis=layout.fused_axis):
-            hf = [layout.to_hf(_to_host(read())) for layout, read in pieces]
+            hf = [layout.to_hf(_to_host(read())) for layout, _, read in pieces]
             return np.ascontiguousarray((hf[0] if len(hf) == 1 else np.concatenate(hf, axis)).astype(dtype))
 
-        shape = list(layout.hf_shape(tuple(jax.eval_shape(pieces[0][1]).shape)))
-        shape[layout.fused_axis] *= len(pieces)
-        yield name, tuple(shape), gather
+        fused = list(shape)
+        fused[layout.fused_axis] *= len(pieces)
+        yield name, tuple(fused), gather
 
 
 def _to_host(array: jax.Array) -> np.ndarray:

@@ -243,6 +243,9 @@ class Decoder(nnx.Module):
                 f"sequence length {length} exceeds {c.model_type}'s sliding window of {c.sliding_window}; "
                 f"use seq_len <= {c.sliding_window}"
             )
+        if c.family.learned_positions and length > c.max_position_embeddings:
+            raise ModelConfigError(f"sequence length {length} exceeds {c.model_type}'s {c.max_position_embeddings} "
+                                   f"learned positions; use seq_len <= {c.max_position_embeddings}")
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
         rotary_positions = not (c.family.learned_positions or c.alibi)
@@ -255,7 +258,8 @@ class Decoder(nnx.Module):
         if c.family.scaled_embeddings:
             x_BTE = x_BTE * jnp.asarray(c.hidden_size**0.5, self.dtype)
         if c.family.learned_positions:
-            x_BTE = x_BTE + jnp.take(self.position_embedding[...].astype(self.dtype), positions, axis=0)
+            positions_PE = constrain(self.position_embedding[...].astype(self.dtype), (None, None))  # gathered, as above
+            x_BTE = x_BTE + jnp.take(positions_PE, positions, axis=0)
         x_BTE = constrain(x_BTE, ("batch", "length", "embed"))
         graphdef, layer_state = nnx.split(self.layers)
         windows_L = None  # Gemma 2: each layer's sliding window, scanned with its weights (global: longer than any row)
