@@ -1,5 +1,5 @@
-"""Pipeline stages against no pipeline: same loss and gradients on 8 simulated devices, parameters and
-optimizer state split by the stage count, checkpoints that move between stage counts, the planner's choice."""
+"""Pipeline stages against no pipeline: same loss and gradients on 8 simulated devices, checkpoints that
+move between stage counts, parameters and optimizer state split by the stage count, the planner's choice."""
 
 import dataclasses
 import functools
@@ -9,19 +9,19 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from moai_jax.models import Decoder, ModelConfig
+from moai_jax.sharding.annotate import logical_sharding
+from moai_jax.sharding.mesh import MeshShape, make_mesh
+from moai_jax.sharding.rules import tree_shardings
 from test_trainer import make_batches
 
 from moai_jax.accelerator import Accelerator, hardware_profile
 from moai_jax.checkpoint import Checkpoints
 from moai_jax.errors import FlavorError
-from moai_jax.models import Decoder, ModelConfig
 from moai_jax.optimizer import adamw
 from moai_jax.planner import plan
 from moai_jax.planner.plan import Plan
-from moai_jax.sharding.annotate import logical_sharding
-from moai_jax.sharding.mesh import MeshShape, make_mesh
-from moai_jax.sharding.rules import tree_shardings
-from moai_jax.step import compile_step, pipeline_micro_batches
+from moai_jax.step import pipeline_micro_batches
 from moai_jax.train import IGNORE, cross_entropy_sum
 from moai_jax.trainer import Trainer
 
@@ -62,27 +62,20 @@ def test_pipeline_matches_no_pipeline(mesh, micro_batches):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, ref_grads)
 
 
-def test_stages_split_parameters_and_optimizer_state():
-    """XLA's own account: the step's arguments (parameters, Adam moments, batch) per device, less the
-    batch, fall by the stage count (scripts/memory_model_check.py compares the memory model's estimate)."""
-    state_bytes = {}
-    for mesh in ("data=1", "stage=4"):
-        shape = MeshShape.parse(mesh)
-        p = Plan(flavor=shape.size, hardware="cpu", mesh=shape, batch_size=8, seq_len=SEQ, micro_batches=4)
-        abstract = nnx.eval_shape(lambda: Decoder(CONFIG, rngs=nnx.Rngs(0), attention="xla"))
-        _, executable, _ = compile_step(p, abstract, jax.devices()[: shape.size])
-        batch_bytes = 4 * 4 * p.batch_size * p.seq_len  # four int32 [batch, length] inputs, whole on each device
-        state_bytes[mesh] = executable.memory_analysis().argument_size_in_bytes - batch_bytes
-    assert abs(state_bytes["stage=4"] * 4 / state_bytes["data=1"] - 1) < 0.02, state_bytes  # final norm: not split
-
-
 def test_checkpoints_move_between_stage_counts(tmp_path):
     """Saved with 4 stages, resumed with 1, and the reverse: the losses of an uninterrupted run (the
-    pipeline's with remat full, which recomputes whole stages)."""
+    pipeline's with remat full, which recomputes whole stages). XLA's own account of the compiled steps:
+    the arguments per device (parameters, Adam moments, batch), less the batch, fall by the stage count."""
     batches = make_batches(4, 8, SEQ, seed=1)
     trainers = {mesh: Trainer(lambda: Decoder(CONFIG, rngs=nnx.Rngs(0), attention="xla"), adamw(1e-3), 8, SEQ,
                               Accelerator(8), mesh, micro_batches=micro_batches, remat=remat)
                 for mesh, micro_batches, remat in (("stage=4,data=2", 4, "full"), ("data=8", 1, "none"))}
+    state_bytes = {}
+    for mesh, trainer in trainers.items():
+        (executable,) = trainer._compiled.values()  # the step the planner compiled to verify, which the trainer runs
+        batch_bytes = 4 * 4 * 8 * SEQ // trainer.plan.mesh.batch_shards  # four int32 [batch, length] inputs
+        state_bytes[mesh] = executable.memory_analysis().argument_size_in_bytes - batch_bytes
+    assert abs(state_bytes["stage=4,data=2"] * 4 / state_bytes["data=8"] - 1) < 0.02, state_bytes  # final norm whole
     straight = {}
     for mesh, trainer in trainers.items():
         losses = [float(trainer.step(b)["loss"]) for b in batches[:2]]
