@@ -5,10 +5,11 @@
 Each process runs `python <command>` with the coordinator on 127.0.0.1 at a free port and its
 place in the job in `MOAI_COORDINATOR_ADDRESS`, `MOAI_NUM_PROCESSES`, `MOAI_PROCESS_ID`. Only
 process 0's output is shown (it is the one that prints), or every process's with `--all-output`,
-each line prefixed with its process number. When one process fails, the others are stopped and
-the launcher exits with the failure's status (128 + signal for a killed one), after one line
-naming it. For development, tests and one host with several devices per process; on a cluster
-the scheduler (srun, a Kubernetes Indexed Job, mpirun) starts the processes instead.
+each line prefixed with its process number. When one process fails, the launcher says which in
+one line, stops the others (showing of their output only `error:` lines from then on) and exits
+with the failure's status (128 + signal for a killed one). For development, tests and one host
+with several devices per process; on a cluster the scheduler (srun, a Kubernetes Indexed Job,
+mpirun) starts the processes instead.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class Job:
     def __init__(self, command: list[str], processes: int, all_output: bool):
         address = f"127.0.0.1:{free_port()}"
         self.all_output = all_output
+        self.failed: int | None = None  # the first process that failed
         self.procs: list[subprocess.Popen] = []
         self.last_error: list[deque] = [deque(maxlen=1) for _ in range(processes)]
         self._threads: list[threading.Thread] = []
@@ -86,6 +88,8 @@ class Job:
         for line in stream:
             if is_stderr and line.strip():
                 self.last_error[index].append(line.strip())
+            if self.failed not in (None, index) and not line.startswith("error:"):
+                continue  # once one failed, the others' complaints about it are noise; their own errors are not
             if out is not None:
                 with self._lock:
                     out.write(prefix + line)
@@ -101,6 +105,7 @@ class Job:
             statuses = [p.poll() for p in self.procs]
             failed = next((i for i, s in enumerate(statuses) if s not in (None, 0)), None)
             if failed is not None:
+                self.failed = failed
                 self._report(failed, statuses[failed])
                 self.stop()
                 status = statuses[failed]

@@ -37,7 +37,7 @@ def launch(processes: int, *args, all_output: bool = False, **kwargs):
     """`python -m moai_jax.launch --processes N -- scripts/finetune.py ...` as a user types it."""
     command = [sys.executable, "-m", "moai_jax.launch", "--processes", str(processes),
                *(["--all-output"] if all_output else []), "--", str(FINETUNE), *RUN, *map(str, args)]
-    return subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300, **kwargs)
+    return subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=900, **kwargs)
 
 
 def finetune_here(*args) -> None:
