@@ -23,11 +23,11 @@ from flax import nnx
 
 from moai_jax.accelerator import Accelerator, Hardware
 from moai_jax.errors import FlavorError, NoPlanFits
-from moai_jax.planner.explain import gib
 from moai_jax.planner.plan import Plan
 from moai_jax.planner.time_model import MICRO_BATCH_OVERHEAD, OVERLAP, PEAK_EFFICIENCY, TENSOR_EFFICIENCY_LOSS
 from moai_jax.sharding.infer import origins, parameter_paths, parameter_specs
 from moai_jax.sharding.mesh import MeshShape, divisors
+from moai_jax.sizes import format_bytes
 from moai_jax.step import Verified
 from moai_jax.train import CHECKPOINT_POLICIES, model_loss
 
@@ -211,13 +211,13 @@ def plan_measured(abstract: nnx.Module, optimizer, batch: Mapping[str, jax.Shape
         s, v, _ = min(measured, key=lambda m: m[1].bytes_per_device)
         raise NoPlanFits(f"no plan fits your model on {flavor} × {hardware.name} at batch {batch_size}: {counted}; "
                          f"the smallest ({s.mesh}, {s.micro_batches} micro-batch(es), remat {s.remat}) needs "
-                         f"{gib(v.bytes_per_device)} per device, over the budget of {gib(budget)}; use a larger "
-                         f"flavor or a smaller batch")
+                         f"{format_bytes(v.bytes_per_device)} per device, over the budget of {format_bytes(budget)}; "
+                         f"use a larger flavor or a smaller batch")
     chosen, verified, chosen_seconds = fitting[0]
     alternatives = []
     for s, v, sec in measured:
         if s is not chosen:
-            why = (f"compiled to {gib(v.bytes_per_device)}, over the {gib(budget)} budget"
+            why = (f"compiled to {format_bytes(v.bytes_per_device)}, over the {format_bytes(budget)} budget"
                    if v.bytes_per_device > budget else f"{sec / chosen_seconds - 1:.1%} slower by XLA's FLOPs")
             alternatives.append({**s.describe(), "why_not": why})
     m = chosen.mesh
