@@ -25,9 +25,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from moai_jax.sharding.annotate import constrain, mesh_axis
 
 from moai_jax.errors import ModelConfigError
+from moai_jax.sharding.annotate import constrain, mesh_axis
 
 
 def check_pipeline(num_layers: int, batch: int, stages: int, micro_batches: int) -> None:

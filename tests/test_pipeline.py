@@ -9,18 +9,18 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from moai_jax.models import Decoder, ModelConfig
-from moai_jax.sharding.annotate import logical_sharding
-from moai_jax.sharding.mesh import MeshShape, make_mesh
-from moai_jax.sharding.rules import tree_shardings
 from test_trainer import make_batches
 
 from moai_jax.accelerator import Accelerator, hardware_profile
 from moai_jax.checkpoint import Checkpoints
 from moai_jax.errors import FlavorError
+from moai_jax.models import Decoder, ModelConfig
 from moai_jax.optimizer import adamw
 from moai_jax.planner import plan
 from moai_jax.planner.plan import Plan
+from moai_jax.sharding.annotate import logical_sharding
+from moai_jax.sharding.mesh import MeshShape, make_mesh
+from moai_jax.sharding.rules import tree_shardings
 from moai_jax.step import pipeline_micro_batches
 from moai_jax.train import IGNORE, cross_entropy_sum
 from moai_jax.trainer import Trainer
