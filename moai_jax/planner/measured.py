@@ -34,6 +34,7 @@ from moai_jax.train import CHECKPOINT_POLICIES, model_loss
 COMPILE_FEW = 3  # candidates compiled when the first ones fit
 MAX_COMPILES = 6  # candidates compiled before giving up
 REMAT_FLOPS = {"none": 1.0, "matmuls": 1.05}  # training FLOPs relative to no recompute
+SIMPLER_WITHIN = 0.02  # compiled candidates this close to the fastest: the simplest is chosen
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,10 +56,15 @@ class Scored:
     seconds: dict[str, float]
 
     @property
-    def order(self) -> tuple:
-        """Fastest first; among equals the simplest (no tensor, fewer micro-batches, no remat)."""
+    def simplicity(self) -> tuple:
+        """Simplest first: no tensor, fewer micro-batches, no remat, fewer parameter shards."""
         m = self.mesh
-        return (round(self.seconds["total"], 9), m.tensor, self.micro_batches, self.remat != "none", m.fsdp, m.data)
+        return (m.tensor, self.micro_batches, self.remat != "none", m.fsdp, m.data)
+
+    @property
+    def order(self) -> tuple:
+        """Fastest first; among equals the simplest."""
+        return (round(self.seconds["total"], 9), *self.simplicity)
 
     def describe(self) -> dict:
         m = self.mesh
@@ -101,13 +107,16 @@ def _bandwidth(hardware: Hardware, span: int) -> float:
     return hardware.intra_host_bandwidth if span <= hardware.devices_per_host else hardware.inter_host_bandwidth
 
 
+def _ways(spec, sizes: Mapping[str, int]) -> int:
+    """Into how many shards a PartitionSpec splits its array."""
+    return math.prod(sizes[a] for entry in spec if entry for a in (entry if isinstance(entry, tuple) else (entry,)))
+
+
 def estimate(prof: Profile, mesh: MeshShape, micro_batches: int, remat: str, batch_size: int, tokens: int,
              hardware: Hardware, compute_bytes: int, rules) -> Scored:
     sizes = {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor}
     specs = parameter_specs(prof.paths, sizes, rules)
-    shard = {p: prof.param_bytes[p] / math.prod(sizes[a] for e in spec if e for a in (e if isinstance(e, tuple)
-                                                                                        else (e,)))
-             for p, (spec, _) in specs.items()}
+    shard = {p: prof.param_bytes[p] / _ways(spec, sizes) for p, (spec, _) in specs.items()}
     params = sum(shard.values())
     rows = batch_size / micro_batches / mesh.batch_shards
     memory = {"parameters": params, "gradients": params * (2 if micro_batches > 1 else 1),
@@ -139,9 +148,8 @@ def _splits_tensor(prof: Profile, tensor: int, rules) -> bool:
 def plan_measured(abstract: nnx.Module, optimizer, batch: Mapping[str, jax.ShapeDtypeStruct], seq_len: int,
                   accelerator: Accelerator, memory_fraction: float = 0.8, *,
                   compile_candidate: Callable[[Plan], tuple], loss_fn=None, rules=None, stage: int | None = None,
-                  data: int | None = None,
-                  fsdp: int | None = None, tensor: int | None = None, micro_batches: int | None = None,
-                  remat: str | None = None, compute_dtype: str = "float32") -> Plan:
+                  data: int | None = None, fsdp: int | None = None, tensor: int | None = None,
+                  micro_batches: int | None = None, remat: str | None = None, compute_dtype: str = "float32") -> Plan:
     """The fastest candidate whose compiled step fits `memory_fraction` of each device.
 
     `compile_candidate(plan)` compiles a candidate's train step and returns (parts, compiled, Verified)."""
@@ -213,12 +221,17 @@ def plan_measured(abstract: nnx.Module, optimizer, batch: Mapping[str, jax.Shape
                          f"the smallest ({s.mesh}, {s.micro_batches} micro-batch(es), remat {s.remat}) needs "
                          f"{format_bytes(v.bytes_per_device)} per device, over the budget of {format_bytes(budget)}; "
                          f"use a larger flavor or a smaller batch")
-    chosen, verified, chosen_seconds = fitting[0]
+    near = [m for m in fitting if m[2] <= fitting[0][2] * (1 + SIMPLER_WITHIN)]  # near-ties: the simplest
+    chosen, verified, chosen_seconds = min(near, key=lambda m: m[0].simplicity)
     alternatives = []
     for s, v, sec in measured:
         if s is not chosen:
-            why = (f"compiled to {format_bytes(v.bytes_per_device)}, over the {format_bytes(budget)} budget"
-                   if v.bytes_per_device > budget else f"{sec / chosen_seconds - 1:.1%} slower by XLA's FLOPs")
+            if v.bytes_per_device > budget:
+                why = f"compiled to {format_bytes(v.bytes_per_device)}, over the {format_bytes(budget)} budget"
+            elif sec > chosen_seconds * (1 + SIMPLER_WITHIN):
+                why = f"{sec / chosen_seconds - 1:.1%} slower by XLA's FLOPs"
+            else:
+                why = "about as fast; the chosen layout is simpler"
             alternatives.append({**s.describe(), "why_not": why})
     m = chosen.mesh
     how = [f"parameters, gradients and optimizer state sharded over fsdp={m.fsdp}" if m.fsdp > 1
