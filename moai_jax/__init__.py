@@ -7,10 +7,12 @@
 """
 
 from moai_jax.accelerator import Accelerator
-from moai_jax.errors import (CheckpointError, DataError, FlavorError, ModelConfigError, ModelError, MoaiError,
-                             NoPlanFits, WeightsError)
+from moai_jax.errors import (CheckpointError, DataError, FlavorError, GenerationError, ModelConfigError, ModelError,
+                             MoaiError, NoPlanFits, WeightsError)
+from moai_jax.generation import Generator, generate
 from moai_jax.planner import Plan, plan
 from moai_jax.trainer import Trainer
 
-__all__ = ["Accelerator", "CheckpointError", "DataError", "FlavorError", "ModelConfigError", "ModelError", "MoaiError",
-           "NoPlanFits", "Plan", "Trainer", "WeightsError", "plan"]
+__all__ = ["Accelerator", "CheckpointError", "DataError", "FlavorError", "GenerationError", "Generator",
+           "ModelConfigError", "ModelError", "MoaiError", "NoPlanFits", "Plan", "Trainer", "WeightsError", "generate",
+           "plan"]

@@ -53,6 +53,10 @@ def check_range(name: str, value: float | None, low: float, high: float | None =
     raise SettingError(f"{name} must be {span}, not {value}")
 
 
+class GenerationError(MoaiError):
+    """Prompts or generation settings that the model cannot generate from."""
+
+
 def report_error(error: MoaiError) -> int:
     """Print a user's mistake as the one line `error: ...` on stderr; returns the scripts' exit status, 2."""
     print(f"error: {error}", file=sys.stderr)

@@ -19,6 +19,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from moai_jax.errors import ModelConfigError
 from moai_jax.models import attention as attention_lib
+from moai_jax.models import kv_cache
 from moai_jax.models.config import ModelConfig
 from moai_jax.models.families import ACTIVATIONS
 from moai_jax.models.pipeline import pipelined_layers
@@ -116,8 +117,9 @@ class Attention(nnx.Module):
             y_BTNH = y_BTNH + bias[...].astype(self.dtype)
         return checkpoint_name(constrain(y_BTNH, ("batch", "length", heads, "head_dim")), name)
 
-    def __call__(self, x_BTE, cos_BTH, sin_BTH, segment_ids_BT, implementation: str, window=None):
-        """`cos_BTH`/`sin_BTH` None: no rotary positions (GPT-2, ALiBi). `window`: this layer's sliding window."""
+    def __call__(self, x_BTE, cos_BTH, sin_BTH, segment_ids_BT, implementation: str, window=None, cache=None):
+        """`cos_BTH`/`sin_BTH` None: no rotary positions (GPT-2, ALiBi). `window`: this layer's sliding window.
+        With a `cache` (one layer's KVCache, in generation) → (y, the updated cache)."""
         bias, c = self.attention_bias, self.config
         q_BTNH = self._project(x_BTE, self.q_proj, self.q_bias if bias else None, "heads", "query")
         k_BTKH = self._project(x_BTE, self.k_proj, self.k_bias if bias else None, "kv_heads", "key")
@@ -127,16 +129,19 @@ class Attention(nnx.Module):
         if cos_BTH is not None:
             cos_BTH, sin_BTH = cos_BTH.astype(self.dtype), sin_BTH.astype(self.dtype)
             q_BTNH, k_BTKH = apply_rotary(q_BTNH, cos_BTH, sin_BTH), apply_rotary(k_BTKH, cos_BTH, sin_BTH)
-        out_BTNH = attention_lib.attention(
-            q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, implementation=implementation,
-            scale=(c.query_pre_attn_scalar or c.head_dim) ** -0.5, softcap=c.attn_logit_softcapping,
-            window=window, alibi_slopes=attention_lib.alibi_slopes(c.num_heads) if c.alibi else None,
-        )
+        variants = dict(scale=(c.query_pre_attn_scalar or c.head_dim) ** -0.5, softcap=c.attn_logit_softcapping,
+                        window=window, alibi_slopes=attention_lib.alibi_slopes(c.num_heads) if c.alibi else None)
+        if cache is not None:
+            out_BTNH, cache = kv_cache.attend(q_BTNH, k_BTKH, v_BTKH, cache, implementation=implementation, **variants)
+        else:
+            out_BTNH = attention_lib.attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, implementation=implementation,
+                                               **variants)
         out_BTNH = constrain(out_BTNH, ("batch", "length", "heads", "head_dim"))
         y_BTE = jnp.einsum("btnh,nhe->bte", out_BTNH, self.o_proj[...].astype(self.dtype))
         if c.family.output_bias:
             y_BTE = y_BTE + self.o_bias[...].astype(self.dtype)
-        return checkpoint_name(y_BTE, "out")
+        y_BTE = checkpoint_name(y_BTE, "out")
+        return y_BTE if cache is None else (y_BTE, cache)
 
 
 class MLP(nnx.Module):
@@ -182,12 +187,15 @@ class Block(nnx.Module):
             self.attention_output_norm = _norm(config, dtype=dtype, param_dtype=param_dtype)
             self.mlp_output_norm = _norm(config, dtype=dtype, param_dtype=param_dtype)
 
-    def __call__(self, x_BTE, cos_BTH, sin_BTH, segment_ids_BT, implementation: str, window=None):
-        y_BTE = self.attention(self.input_norm(x_BTE), cos_BTH, sin_BTH, segment_ids_BT, implementation, window)
+    def __call__(self, x_BTE, cos_BTH, sin_BTH, segment_ids_BT, implementation: str, window=None, cache=None):
+        y_BTE = self.attention(self.input_norm(x_BTE), cos_BTH, sin_BTH, segment_ids_BT, implementation, window, cache)
+        if cache is not None:
+            y_BTE, cache = y_BTE
         x_BTE = x_BTE + (self.attention_output_norm(y_BTE) if self.sandwich else y_BTE)
         y_BTE = self.mlp(self.post_attention_norm(x_BTE))
         x_BTE = x_BTE + (self.mlp_output_norm(y_BTE) if self.sandwich else y_BTE)
-        return constrain(x_BTE, ("batch", "length", "embed"))
+        x_BTE = constrain(x_BTE, ("batch", "length", "embed"))
+        return x_BTE if cache is None else (x_BTE, cache)
 
 
 def _stacked_blocks(config: ModelConfig, rngs: nnx.Rngs, dtype, param_dtype) -> Block:
@@ -248,23 +256,9 @@ class Decoder(nnx.Module):
                                    f"learned positions; use seq_len <= {c.max_position_embeddings}")
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
-        rotary_positions = not (c.family.learned_positions or c.alibi)
-        cos_BTH, sin_BTH = rotary(positions, rope_frequencies(c)) if rotary_positions else (None, None)
-
-        # Like every weight under FSDP, the table is gathered for its use (over fsdp, not over tensor):
-        # looked up from embed-sharded rows, the result would need a reshuffle XLA only does by replicating it.
-        table_VE = constrain(self.embedding[...].astype(self.dtype), ("vocab", None))
-        x_BTE = jnp.take(table_VE, input_ids_BT, axis=0)
-        if c.family.scaled_embeddings:
-            x_BTE = x_BTE * jnp.asarray(c.hidden_size**0.5, self.dtype)
-        if c.family.learned_positions:
-            positions_PE = constrain(self.position_embedding[...].astype(self.dtype), (None, None))  # gathered, as above
-            x_BTE = x_BTE + jnp.take(positions_PE, positions, axis=0)
-        x_BTE = constrain(x_BTE, ("batch", "length", "embed"))
+        x_BTE, cos_BTH, sin_BTH = self._inputs(input_ids_BT, positions)
         graphdef, layer_state = nnx.split(self.layers)
-        windows_L = None  # Gemma 2: each layer's sliding window, scanned with its weights (global: longer than any row)
-        if c.family.alternating_window and c.sliding_window is not None:
-            windows_L = jnp.asarray([c.sliding_window if i % 2 == 0 else length + 1 for i in range(c.num_layers)])
+        windows_L = self._windows(length)
 
         def layer(x_BTE, state_and_window, cos_BTH, sin_BTH, segment_ids_BT):
             state, window = state_and_window
@@ -284,6 +278,47 @@ class Decoder(nnx.Module):
             x_BTE, _ = jax.lax.scan(lambda x, state: (layer(x, state, cos_BTH, sin_BTH, segment_ids), None), x_BTE,
                                     layer_state)
         return self.final_norm(x_BTE)
+
+    def _inputs(self, input_ids_BT, positions_BT):
+        """The embedded tokens [B, T, E] and the rotary cos/sin of their positions (None without rotary)."""
+        c = self.config
+        rotary_positions = not (c.family.learned_positions or c.alibi)
+        cos_BTH, sin_BTH = rotary(positions_BT, rope_frequencies(c)) if rotary_positions else (None, None)
+
+        # Like every weight under FSDP, the table is gathered for its use (over fsdp, not over tensor):
+        # looked up from embed-sharded rows, the result would need a reshuffle XLA only does by replicating it.
+        table_VE = constrain(self.embedding[...].astype(self.dtype), ("vocab", None))
+        x_BTE = jnp.take(table_VE, input_ids_BT, axis=0)
+        if c.family.scaled_embeddings:
+            x_BTE = x_BTE * jnp.asarray(c.hidden_size**0.5, self.dtype)
+        if c.family.learned_positions:
+            positions_PE = constrain(self.position_embedding[...].astype(self.dtype), (None, None))  # gathered, as above
+            x_BTE = x_BTE + jnp.take(positions_PE, positions_BT, axis=0)
+        return constrain(x_BTE, ("batch", "length", "embed")), cos_BTH, sin_BTH
+
+    def _windows(self, length: int):
+        """Gemma 2: each layer's sliding window, scanned with its weights (global: longer than any row); else None."""
+        c = self.config
+        if c.family.alternating_window and c.sliding_window is not None:
+            return jnp.asarray([c.sliding_window if i % 2 == 0 else length + 1 for i in range(c.num_layers)])
+        return None
+
+    def cached_hidden_states(self, input_ids_BT, positions_BT, cache: kv_cache.KVCache):
+        """Generation's pass over a chunk of tokens at their positions: the final-normed hidden states and
+        the cache with the chunk's keys and values added (a prefill, then one token at a time; see kv_cache.py)."""
+        implementation = attention_lib.resolve(self.attention, self.dtype, self.config.head_dim)
+        x_BTE, cos_BTH, sin_BTH = self._inputs(input_ids_BT, positions_BT)
+        graphdef, layer_state = nnx.split(self.layers)
+
+        def layer(x_BTE, xs):
+            state, window, key, value = xs
+            block = nnx.merge(graphdef, state)
+            x_BTE, updated = block(x_BTE, cos_BTH, sin_BTH, None, implementation, window, cache.layer(key, value))
+            return x_BTE, (updated.key, updated.value)
+
+        xs = (layer_state, self._windows(cache.valid.shape[1]), cache.key, cache.value)
+        x_BTE, (key, value) = jax.lax.scan(layer, x_BTE, xs)
+        return self.final_norm(x_BTE), cache.advanced(key, value, input_ids_BT.shape[1])
 
     def logits(self, hidden_BTE):
         """float32 logits [batch, length, vocab] of hidden states."""

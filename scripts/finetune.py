@@ -66,6 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="continue from the latest checkpoint in --checkpoint-dir, on this run's flavor and mesh")
     p.add_argument("--metrics-file", default=None,
                    help="append one JSON object per logged step: step, loss, duration, tokens_per_sec, learning_rate")
+    p.add_argument("--sample-prompts", default=None,
+                   help="a prompts file (as scripts/generate.py reads it): print the model's greedy answers to its "
+                        "prompts at each evaluation and at the end")
     from moai_jax import distributed  # one job of several processes: python -m moai_jax.launch, srun, ...
 
     distributed.add_arguments(p)
@@ -125,6 +128,7 @@ def train(args: argparse.Namespace, flavor: int, checkpoints, metrics_file) -> i
     from moai_jax.accelerator import Accelerator
     from moai_jax.checkpoint import check_writable
     from moai_jax.errors import SettingError
+    from moai_jax.generation import SamplePrompts
     from moai_jax.metrics import StepTimer, step_line, summary
     from moai_jax.optimizer import adamw, learning_rate_schedule
     from moai_jax.trainer import Trainer
@@ -144,6 +148,7 @@ def train(args: argparse.Namespace, flavor: int, checkpoints, metrics_file) -> i
     dtype = args.dtype if args.dtype != "auto" else ("float32" if accelerator.platform == "cpu" else "bfloat16")
 
     tokenizer = data.load_tokenizer_for(args.model_name_or_path)
+    samples = SamplePrompts(args.sample_prompts, tokenizer, config) if args.sample_prompts else None
     dataset = data.load_dataset(args.dataset_name_or_path, tokenizer, args.block_size, format=args.dataset_format,
                                 packing=not args.no_packing, seed=args.seed,
                                 max_positions=config.max_position_embeddings, vocab_size=config.vocab_size)
@@ -206,8 +211,12 @@ def train(args: argparse.Namespace, flavor: int, checkpoints, metrics_file) -> i
             eval_batches = data.Batches(dataset, args.batch_size, seed=args.seed, split="eval",
                                         process_index=jax.process_index(), process_count=jax.process_count())
             print(f"[Eval {step}/{total}] | Loss: {trainer.evaluate(eval_batches):.6f}", flush=True)
+            if samples:
+                samples.show(trainer.model, trainer.mesh, f"{step}/{total}")
             timer = StepTimer(args.batch_size * args.block_size)
     report(timer.finish())
+    if samples and not (args.eval_step and total % args.eval_step == 0):  # not twice after a last evaluation
+        samples.show(trainer.model, trainer.mesh, "end")
 
     if args.save_model_dir:
         save_pretrained(trainer.model, args.save_model_dir)  # every process gathers, process 0 writes
