@@ -37,6 +37,9 @@ HARDWARE = {
     h.name: h
     for h in (
         Hardware("h100", 80 * GB, 989e12, 450 * GB, 50 * GB, 8),
+        # torchtitan's H100 (Grand Teton): 96 GB HBM2e at a 500 W limit, its peak "between SXM and NVL":
+        # taken at the NVL's 835 TFLOP/s
+        Hardware("h100-96gb", 96 * GB, 835e12, 450 * GB, 50 * GB, 8),
         Hardware("h200", 141 * GB, 989e12, 450 * GB, 50 * GB, 8),
         Hardware("a100-80gb", 80 * GB, 312e12, 300 * GB, 25 * GB, 8),
         Hardware("a100-40gb", 40 * GB, 312e12, 300 * GB, 25 * GB, 8),

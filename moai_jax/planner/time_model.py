@@ -28,7 +28,7 @@ from moai_jax.accelerator import Hardware
 from moai_jax.models import ModelConfig, flops_per_token, param_count
 from moai_jax.sharding.mesh import MeshShape
 
-PEAK_EFFICIENCY = 0.55  # of peak FLOP/s that large bfloat16 matmuls reach in a training step
+PEAK_EFFICIENCY = 0.53  # of peak FLOP/s that large bfloat16 matmuls reach in a training step (fitted: planner/published.py)
 HALF_EFFICIENCY_ROWS = 1024  # matmul rows (tokens per device per micro-batch) at which half of it is lost
 # Per doubling of `tensor`: the layer's all-reduces sit between its matmuls, which then cannot
 # overlap with anything, and the split matmuls run below peak; tensor parallelism pays off only
