@@ -19,6 +19,7 @@ batches are not int32 [batch, length]. Its parameters are sharded by `rules` (re
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -45,6 +46,35 @@ def next_token_labels(input_ids: np.ndarray) -> np.ndarray:
     return labels
 
 
+def fixed_axes(mesh: MeshShape | str | None) -> tuple[MeshShape | None, dict[str, int]]:
+    """The mesh a user fixed (a string fixes all four axes) and its axes as the planner's knobs."""
+    shape = MeshShape.parse(mesh) if isinstance(mesh, str) else mesh
+    axes = {} if shape is None else {"stage": shape.stage, "data": shape.data, "fsdp": shape.fsdp,
+                                     "tensor": shape.tensor}
+    return shape, axes
+
+
+def init_state(parts: StepParts, model, optimizer: optax.GradientTransformation,
+               load: Callable[[Any], nnx.Module | dict] | None = None) -> tuple[TrainState, Any]:
+    """Parameters and optimizer state placed on their shards (born there when `model` is a builder)."""
+    def split(module):
+        _, params, rest = nnx.split(module, nnx.Param, ...)
+        return nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+
+    shardings = (parts.param_shardings, parts.replicated)
+    if load is not None:
+        loaded = load(parts.param_shardings)
+        params, rest = split(loaded) if isinstance(loaded, nnx.Module) else (loaded, {})
+        params, rest = jax.device_put((params, rest), shardings)
+    elif isinstance(model, nnx.Module):
+        params, rest = jax.device_put(split(model), shardings)
+    else:
+        params, rest = jax.jit(lambda: split(model()), out_shardings=shardings)()
+    opt_state = jax.jit(optimizer.init, out_shardings=parts.state_shardings.opt_state)(params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), parts.replicated)
+    return TrainState(params=params, opt_state=opt_state, step=step), rest
+
+
 class Trainer:
     def __init__(self, model: nnx.Module | Callable[[], nnx.Module], optimizer: optax.GradientTransformation,
                  batch_size: int, seq_len: int | None, accelerator: Accelerator,
@@ -52,7 +82,7 @@ class Trainer:
                  micro_batches: int | None = None, remat: str | None = None, plan: Plan | None = None,
                  params: Callable[[Any], nnx.Module | dict] | None = None, memory_fraction: float = 0.8,
                  loss_fn: Callable[[nnx.Module, dict], tuple[Any, Any]] | None = None, rules=None,
-                 example_batch: Mapping[str, Any] | None = None):
+                 example_batch: Mapping[str, Any] | None = None, autotune: int = 0):
         self.accelerator = accelerator
         self.batch_size, self.seq_len = batch_size, seq_len or 1
         self.loss_fn, self.rules = loss_fn, rules
@@ -65,6 +95,10 @@ class Trainer:
         self._compiled: dict[frozenset[str], Any] = {}  # batch keys → executable
         self.compile_seconds: float | None = None
         verified: dict[tuple, tuple[StepParts, Any, Any]] = {}  # the planner's compiles, by layout
+        self.autotune_report: str | None = None  # with autotune: each candidate's estimated and measured seconds
+        if plan is None and autotune and self.config is not None:
+            plan = self._autotune(autotune, model, abstract, optimizer, mesh, micro_batches, remat, memory_fraction,
+                                  verified)
         self.plan = plan or self._auto_plan(abstract, optimizer, mesh, micro_batches, remat, memory_fraction,
                                             verified)
         check_mesh(self.plan.mesh, accelerator.flavor, batch_size=batch_size, micro_batches=self.plan.micro_batches,
@@ -81,16 +115,14 @@ class Trainer:
         self.graphdef, self._replicated, self.batch_sharding = parts.graphdef, parts.replicated, parts.batch_sharding
         self.param_shardings, self.state_shardings = parts.param_shardings, parts.state_shardings
         self._step, self._eval = parts.step, parts.eval
-        self.state, self._rest = self._init_state(model, optimizer, params)
+        self.state, self._rest = init_state(parts, model, optimizer, params)
 
     def _auto_plan(self, abstract, optimizer, mesh, micro_batches, remat, memory_fraction, verified) -> Plan:
         """The planner's choice with the user's fixed knobs honored (a mesh string fixes all four axes).
         The planner verifies candidates with this model and optimizer; their compiles land in `verified`."""
         from moai_jax.planner import plan
 
-        shape = MeshShape.parse(mesh) if isinstance(mesh, str) else mesh
-        axes = {} if shape is None else {"stage": shape.stage, "data": shape.data, "fsdp": shape.fsdp,
-                                         "tensor": shape.tensor}
+        _, axes = fixed_axes(mesh)
         dtype = jnp.dtype(getattr(abstract, "dtype", jnp.float32)).name
 
         def compile_candidate(candidate: Plan):
@@ -113,24 +145,42 @@ class Trainer:
                     micro_batches=micro_batches, remat=remat, compute_dtype=dtype, optimizer=optimizer,
                     verifier=verifier, **axes)
 
-    def _init_state(self, model, optimizer, load) -> tuple[TrainState, Any]:
-        """Parameters and optimizer state placed on their shards (born there when `model` is a builder)."""
-        def parts(module):
-            _, params, rest = nnx.split(module, nnx.Param, ...)
-            return nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+    def _autotune(self, count, model, abstract, optimizer, mesh, micro_batches, remat, memory_fraction,
+                  verified) -> Plan:
+        """The fastest measured of the planner's `count` best candidates (`moai_jax.autotune`)."""
+        from moai_jax import autotune
 
-        shardings = (self.param_shardings, self._replicated)
-        if load is not None:
-            loaded = load(self.param_shardings)
-            params, rest = parts(loaded) if isinstance(loaded, nnx.Module) else (loaded, {})
-            params, rest = jax.device_put((params, rest), shardings)
-        elif isinstance(model, nnx.Module):
-            params, rest = jax.device_put(parts(model), shardings)
-        else:
-            params, rest = jax.jit(lambda: parts(model()), out_shardings=shardings)()
-        opt_state = jax.jit(optimizer.init, out_shardings=self.state_shardings.opt_state)(params)
-        step = jax.device_put(jnp.zeros((), jnp.int32), self._replicated)
-        return TrainState(params=params, opt_state=opt_state, step=step), rest
+        _, axes = fixed_axes(mesh)
+        dtype = jnp.dtype(getattr(abstract, "dtype", jnp.float32)).name
+        plans = autotune.candidate_plans(self.config, self.batch_size, self.seq_len, self.accelerator, count,
+                                         memory_fraction, dtype, micro_batches=micro_batches, remat=remat, **axes)
+        rows = self.batch_size // jax.process_count()
+        batch = autotune.synthetic_batch(rows, self.seq_len, self.config.vocab_size)
+
+        def measure(candidate: Plan) -> float | None:
+            parts, compiled, measured = compile_step(candidate, abstract, self.accelerator.devices, optimizer,
+                                                     batch=self.example, loss_fn=self.loss_fn, rules=self.rules)
+            verified[layout(candidate)] = (parts, compiled, measured)
+            if measured.bytes_per_device > candidate.budget_bytes_per_device:
+                return None
+            state, rest = init_state(parts, model, optimizer)
+            shape = (self.batch_size, self.seq_len)
+            device_batch = {k: jax.make_array_from_process_local_data(parts.batch_sharding, batch[k], shape)
+                            for k in self.example}
+
+            def step():
+                nonlocal state
+                state, metrics = compiled(state, device_batch, rest)
+                return metrics
+            return autotune.time_steps(step)
+
+        chosen, tried = autotune.autotune(self.config, plans, measure)
+        self.autotune_report = autotune.report(chosen, tried)
+        if layout(chosen) in verified:
+            measured = verified[layout(chosen)][2]
+            chosen = dataclasses.replace(chosen, verified_bytes_per_device=measured.bytes_per_device,
+                                         verified_on=measured.backend)
+        return chosen
 
     # -- feeding ---------------------------------------------------------------------------------
     def _example_spec(self, example: Mapping[str, Any] | None) -> dict[str, jax.ShapeDtypeStruct]:

@@ -72,6 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--memory-fraction", type=float, default=0.9,
                    help="share of each device's memory the planner may fill (default 0.9; JAX may use 0.92)")
     p.add_argument("--attention", choices=("auto", "xla", "cudnn", "blockwise"), default="auto")
+    p.add_argument("--autotune", type=int, default=0, metavar="K",
+                   help="time the planner's K best candidates on the devices and run the fastest (cached)")
     p.add_argument("--no-reference", action="store_true", help="skip the transformers/PyTorch reference")
     p.add_argument("--torch-compile", action="store_true", help="torch.compile the reference model")
     p.add_argument("--suite", choices=("accelerator", "cpu", "parity"), default=None)
@@ -121,7 +123,9 @@ def jax_benchmark(args, config) -> dict:
     # Knobs left "auto" are the planner's: it verifies its choice fits by compiling the step.
     trainer = Trainer(build, adamw(LEARNING_RATE), args.batch_size, args.block_size, accelerator, args.mesh,
                       micro_batches=args.micro_batches, remat=None if args.remat == "auto" else args.remat,
-                      memory_fraction=args.memory_fraction)
+                      memory_fraction=args.memory_fraction, autotune=args.autotune)
+    if trainer.autotune_report:
+        print(trainer.autotune_report, file=sys.stderr if args.json else sys.stdout, flush=True)
     compile_seconds = trainer.compile(("input_ids", "labels"))
     compiled_bytes = trainer.compiled_bytes_per_device()
 

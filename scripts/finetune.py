@@ -72,6 +72,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from moai_jax import distributed  # one job of several processes: python -m moai_jax.launch, srun, ...
 
     distributed.add_arguments(p)
+    p.add_argument("--autotune", type=int, default=0, metavar="K",
+                   help="compile the planner's K best candidates, time a few steps of each on the devices and run "
+                        "the fastest (measurements cached per model, hardware, flavor, batch and length; default 0: "
+                        "the planner's estimate decides)")
     return p.parse_args(argv)
 
 
@@ -167,7 +171,9 @@ def train(args: argparse.Namespace, flavor: int, checkpoints, metrics_file) -> i
             ) if pretrained and not args.resume else None  # on --resume the checkpoint's weights replace them
     trainer = Trainer(build, optimizer, args.batch_size, args.block_size, accelerator, args.mesh,
                       micro_batches=args.micro_batches, remat=args.remat, params=load,
-                      memory_fraction=args.memory_fraction)
+                      memory_fraction=args.memory_fraction, autotune=args.autotune)
+    if trainer.autotune_report:
+        print(trainer.autotune_report)
     where = f"{flavor} simulated CPU devices" if accelerator.simulated else f"{flavor} {accelerator.platform} device(s)"
     print(f"moai_jax: {config.model_type} {args.model_name_or_path} on {where}: {trainer.plan.summary()}")
     print(f"Data: {len(dataset.train)} training rows of {args.block_size} tokens, packing efficiency "

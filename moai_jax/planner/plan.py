@@ -40,6 +40,7 @@ class Plan:
     candidates_considered: int | None = None
     candidates_fitting: int | None = None  # whose estimated memory fits the budget
     parameter_shardings: dict[str, str] | None = None  # a user's model: parameter path → where its sharding came from
+    measured_step_seconds: float | None = None  # autotuning: this plan's step, timed on the real devices
 
     @property
     def batch_per_device(self) -> float:
