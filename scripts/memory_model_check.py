@@ -5,7 +5,8 @@
     python scripts/memory_model_check.py --cases 0,5,21
 
 Each case is compiled on simulated CPU devices (blockwise attention) with the planner's verify(); a
-case passes when the estimate is within 15% of the compiled bytes.
+case passes when the estimate is within 10% of the compiled bytes and, erring on the safe side, no
+more than 3% under them.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ CASES = [
     ("medium", 16, 1, 4, 2, 32, 1024, 4, "full", "chunked", "bfloat16", 2),
     ("llama3-8b", 16, 1, 2, 1, 64, 1024, 16, "full", "chunked", "bfloat16", 8),
     ("llama3-70b", 64, 1, 8, 1, 512, 1024, 16, "full", "whole", "bfloat16", 8),
+    ("llama2-7b", 32, 1, 32, 1, 256, 2048, 4, "full", "chunked", "float32"),  # the plan for 32 × tpu-v5e
 ]
 
 
@@ -63,6 +65,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="only the first 6 cases")
     p.add_argument("--cases", default=None, help="comma-separated case numbers")
+    p.add_argument("--terms", action="store_true", help="also print each estimate term by term (MiB)")
     args = p.parse_args(argv)
     chosen = (list(range(6)) if args.quick else [int(i) for i in args.cases.split(",")] if args.cases
               else list(range(len(CASES))))
@@ -79,7 +82,7 @@ def main(argv=None) -> int:
 
     print(f"{'#':>2} {'model':<10} {'fl':>3} {'mesh s/d/f/t':>12} {'batch':>5} {'seq':>5} {'mb':>3} {'remat':<7} "
           f"{'loss':<7} {'dtype':<8} {'estimated':>11} {'compiled':>11} {'error':>7}")
-    worst = 0.0
+    worst, lowest = 0.0, 0.0
     for i in chosen:
         name, flavor, d, f, t, batch, seq, mb, remat, loss, dtype, *stages = CASES[i]
         config = model_config(name)
@@ -89,13 +92,15 @@ def main(argv=None) -> int:
         est = estimate_bytes(config, batch, seq, mesh, micro_batches=mb, remat=remat, loss=loss)
         got = verify(plan, config, jax.devices()).bytes_per_device
         err = est["total"] / got - 1
-        worst = max(worst, abs(err))
+        worst, lowest = max(worst, abs(err)), min(lowest, err)
         print(f"{i:>2} {name:<10} {flavor:>3} {f'{mesh.stage}/{d}/{f}/{t}':>12} {batch:>5} {seq:>5} {mb:>3} {remat:<7} {loss:<7} "
               f"{dtype:<8} {est['total'] / 2**20:>9.1f}Mi {got / 2**20:>9.1f}Mi {err:>+7.1%}", flush=True)
-        if getattr(args, "terms", False):
+        if args.terms:
             print("   ", {k: round(v / 2**20, 1) for k, v in est.items()})
-    print(f"worst error {worst:.1%} over {len(chosen)} cases ({'PASS' if worst <= 0.15 else 'FAIL'}: within 15%)")
-    return 0 if worst <= 0.15 else 1
+    passed = worst <= 0.10 and lowest >= -0.03
+    print(f"worst error {worst:.1%}, most under {lowest:+.1%} over {len(chosen)} cases "
+          f"({'PASS' if passed else 'FAIL'}: within 10%, none under by more than 3%)")
+    return 0 if passed else 1
 
 
 if __name__ == "__main__":
