@@ -50,9 +50,9 @@ def candidate_plans(config: ModelConfig, batch_size: int, seq_len: int, accelera
     out = []
     for s in fits[:count]:
         c = s.candidate
-        out.append(plan(config, batch_size, seq_len, accelerator, memory_fraction, verify=False, data=c.mesh.data,
-                        fsdp=c.mesh.fsdp, tensor=c.mesh.tensor, micro_batches=c.micro_batches, remat=c.remat,
-                        loss=c.loss, compute_dtype=dtype))
+        out.append(plan(config, batch_size, seq_len, accelerator, memory_fraction, verify=False, stage=c.mesh.stage,
+                        data=c.mesh.data, fsdp=c.mesh.fsdp, tensor=c.mesh.tensor, micro_batches=c.micro_batches,
+                        remat=c.remat, loss=c.loss, compute_dtype=dtype))
     return out
 
 

@@ -32,17 +32,17 @@ from moai_jax.sharding.rules import partition_spec
 from moai_jax.train import LOSS_CHUNK
 
 # Elements per token and layer kept for backward, by remat policy: (E, F, Q, KV) coefficients.
-SAVED = {"none": (9.6, 5.4, 4.2, 6.0), "matmuls": (3.0, 2.0, 2.0, 2.0), "full": (1.35, 0.0, 0.0, 0.0)}
+SAVED = {"none": (10.5, 2.7, 5.06, 12.0), "matmuls": (4.52, 1.0, 1.0, 1.0), "full": (1.3, 0.0, 0.0, 0.0)}
 # One layer recomputed in backward (matmuls / full): its forward intermediates and their gradients.
-RECOMPUTE = (4.4, 2.4, 1.9, 2.7)
-LOGIT_COPIES = 2.0  # float32 logits, softmax, gradient of the logits
-GATHER_COPIES = 2.8  # a layer's gathered weights: forward, backward, gradient before reduce-scatter
+RECOMPUTE = (5.75, 1.2, 0.95, 1.35)
+LOGIT_COPIES = 3.13  # float32 logits, softmax, gradient of the logits
+GATHER_COPIES = 1.4  # a layer's gathered weights: forward, backward, gradient before reduce-scatter
 # Vocab-sized tables gathered in flight: the embedding and the head, and their gradients (which the
 # micro-batch loop keeps alive longer).
-HEAD_COPIES = {"one batch": 1.7, "micro-batches": 2.95}
+HEAD_COPIES = {"one batch": 1.98, "micro-batches": 3.85}
 UPDATE_COPIES = 0.02  # transient parameter-sized buffers of the optimizer update
 ATTENTION_BLOCK = 128  # the blockwise attention's key block
-ATTENTION_COPIES = 2.8  # float32 [rows, heads, length, block] scores, probabilities and their gradient
+ATTENTION_COPIES = 2.59  # float32 [rows, heads, length, block] scores, probabilities and their gradient
 CODE_BYTES = 0
 PIPELINE_LOGIT_COPIES = 1.0  # a pipeline's head runs once on the whole batch: whole float32 logits, fused with their gradient
 PIPELINE_COPIES = 2.0  # [batch, length, embed] buffers of a pipeline: stage inputs and outputs (or their gradients)
