@@ -10,6 +10,8 @@
 A checkpoint is one Orbax step folder with three items: `params` (the model's parameters),
 `train` (optimizer state, step counter, the model's non-parameter state such as random streams) and
 `metadata` (JSON: step, data position, seed, the Plan, the model config and the run's settings).
+Under LoRA the parameters are the adapters, and the frozen base is not saved: the metadata names it
+(model config, the run's model_name_or_path and seed) and a resumed run loads it again.
 Orbax writes each save into a temporary folder and renames it when complete, so a crash mid-save
 leaves the previous checkpoints whole; the stale temporary folder is removed on the next start.
 
@@ -32,6 +34,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from moai_jax.errors import CheckpointError
+from moai_jax.models import lora as lora_lib
 from moai_jax.train import TrainState
 
 FORMAT = 1  # bumped when the layout of a checkpoint changes
@@ -153,13 +156,15 @@ class Checkpoints:
         never hold two copies. Returns the checkpoint's metadata."""
         step = self._step_or_latest(step)
         meta = self.check_model(trainer.config, step)
+        self._check_lora(meta, trainer.lora, step)
         state, shardings = trainer.state, trainer.state_shardings
-        train_tree = {"opt_state": state.opt_state, "step": state.step, "rest": trainer._rest}
+        base, rest = _split_rest(trainer._rest, trainer.lora)  # a LoRA run's frozen base stays where it is
+        train_tree = {"opt_state": state.opt_state, "step": state.step, "rest": rest}
         train_shardings = {"opt_state": shardings.opt_state, "step": shardings.step,
-                           "rest": jax.tree.map(lambda _: trainer._replicated, trainer._rest)}
+                           "rest": _split_rest(trainer.rest_shardings, trainer.lora)[1]}
         args = ocp.args.Composite(params=_restore_args(state.params, shardings.params),
                                   train=_restore_args(train_tree, train_shardings))
-        for array in jax.tree.leaves((state, trainer._rest)):  # free the devices for the restored copy
+        for array in jax.tree.leaves((state, rest)):  # free the devices for the restored copy
             if isinstance(array, jax.Array):
                 array.delete()
         trainer.state = None
@@ -171,8 +176,18 @@ class Checkpoints:
                                   f"optimizer ({type(e).__name__}: {first[:200]})") from None
         train = restored["train"]
         trainer.state = TrainState(params=restored["params"], opt_state=train["opt_state"], step=train["step"])
-        trainer._rest = train["rest"]
+        trainer._rest = lora_lib.join(base, train["rest"])
         return meta
+
+    def _check_lora(self, meta: dict, lora, step: int) -> None:
+        """A CheckpointError when the checkpoint's LoRA adapters (or their absence) differ from `lora`'s."""
+        def shape(d):
+            return None if d is None else {k: d[k] for k in ("r", "alpha", "dropout", "targets")}
+        saved, mine = shape((meta.get("plan") or {}).get("lora")), shape(None if lora is None else _json(lora.to_dict()))
+        if saved != mine:
+            describe = lambda d: "full fine-tuning" if d is None else f"LoRA {d}"  # noqa: E731
+            raise CheckpointError(f"checkpoint of step {step} in {self.directory} holds {describe(saved)}, not "
+                                  f"{describe(mine)}; resume with the LoRA options it was saved with")
 
     # -- writing ---------------------------------------------------------------------------------
     def save(self, trainer, step: int, *, data_position: dict | None = None, seed: int | None = None,
@@ -182,9 +197,10 @@ class Checkpoints:
         meta = {"format": FORMAT, "step": int(step), "data_position": data_position, "seed": seed,
                 "plan": trainer.plan.to_dict(), "model_config": config_dict(trainer.config), "run": run or {}}
         state = trainer.state
+        rest = _split_rest(trainer._rest, trainer.lora)[1]
         args = ocp.args.Composite(
             params=ocp.args.PyTreeSave(state.params),
-            train=ocp.args.PyTreeSave({"opt_state": state.opt_state, "step": state.step, "rest": trainer._rest}),
+            train=ocp.args.PyTreeSave({"opt_state": state.opt_state, "step": state.step, "rest": rest}),
             metadata=ocp.args.JsonSave(_json(meta)))
         try:
             return self._manager.save(int(step), args=args, force=force)
@@ -213,9 +229,16 @@ class Checkpoints:
         self.close()
 
 
+def _split_rest(rest: Any, lora) -> tuple[dict, Any]:
+    """(the frozen base, what a checkpoint holds) of a trainer's non-trained state."""
+    return lora_lib.split_base(rest) if lora is not None else ({}, rest)
+
+
 def load_model(checkpoint_dir: str | Path, step: int | None = None, devices: list | None = None):
     """The model of a checkpoint (the latest by default) and its metadata. The parameters are
-    restored over `devices` (default: all of this process's), sharded as FSDP, never whole on one."""
+    restored over `devices` (default: all of this process's), sharded as FSDP, never whole on one.
+    A LoRA checkpoint gives a LoRA model whose adapters are restored and whose frozen base is
+    abstract (shapes only): `load_base` loads it."""
     from flax import nnx
 
     from moai_jax.models import Decoder, ModelConfig
@@ -228,7 +251,9 @@ def load_model(checkpoint_dir: str | Path, step: int | None = None, devices: lis
     config = ModelConfig(**meta["model_config"])
     devices = devices or jax.devices()
     mesh = make_mesh(MeshShape(data=1, fsdp=len(devices), tensor=1), devices)
-    abstract = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0)))
+    lora = (meta.get("plan") or {}).get("lora")
+    lora = None if lora is None else lora_lib.LoraConfig(**lora)
+    abstract = nnx.eval_shape(lambda: lora_lib.adapted(Decoder(config, rngs=nnx.Rngs(0)), lora))
     graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
     shapes = nnx.to_pure_dict(abstract_params)
     shardings = tree_shardings(nnx.to_pure_dict(nnx.get_partition_spec(abstract_params)), shapes, mesh)
@@ -244,25 +269,64 @@ def load_model(checkpoint_dir: str | Path, step: int | None = None, devices: lis
     return nnx.merge(graphdef, abstract_params, rest), meta
 
 
-def export(checkpoint_dir: str | Path, save_model_dir: str | Path, *, step: int | None = None,
-           dtype: str | None = None, tokenizer: Any = None) -> Path:
-    """Write a checkpoint's model (the latest by default) in Hugging Face format: config.json,
-    safetensors (gathered to the host one tensor at a time) and, when the run's tokenizer can be
-    found (or `tokenizer` is given) and can save itself, its files."""
-    from moai_jax.models import save_pretrained
+def load_base(meta: dict, lora: lora_lib.LoraConfig):
+    """The LoRA model of a checkpoint's run with its base loaded again, as the run built it: the
+    Hugging Face folder it named, or the preset's random weights from the run's seed."""
+    from flax import nnx
 
-    model, meta = load_model(checkpoint_dir, step)
-    out = Path(save_model_dir)
+    from moai_jax.models import Decoder, ModelConfig, load_pretrained
+
+    source = (meta.get("run") or {}).get("model_name_or_path")
+    if source is not None and Path(source).is_dir():
+        base = load_pretrained(source)
+    else:
+        base = Decoder(ModelConfig(**meta["model_config"]), rngs=nnx.Rngs(meta.get("seed") or 0))
+    return lora_lib.apply_lora(base, lora)
+
+
+def write_model(model: Any, out: str | Path, *, lora: lora_lib.LoraConfig | None = None, merge: bool = False,
+                base_model_name_or_path: str | None = None, dtype: str | None = None) -> Path:
+    """Write a model as a Hugging Face folder; a LoRA model as a PEFT adapter folder, or merged into
+    its base (a full model) with `merge`."""
+    from moai_jax.models import save_pretrained
+    from moai_jax.models.peft import save_adapters
+
+    out = Path(out)
     try:
-        save_pretrained(model, out, dtype=dtype)
+        if lora is not None and not merge:
+            save_adapters(model, out, lora, base_model_name_or_path)
+        else:
+            save_pretrained(lora_lib.merge(model) if lora is not None else model, out, dtype=dtype)
     except OSError as e:
         raise CheckpointError(f"cannot write the model to {out} ({e.strerror or e}); pass a writable "
                               "--save-model-dir") from None
-    if tokenizer is None:
-        source = (meta.get("run") or {}).get("model_name_or_path")
-        if source is not None:
-            from moai_jax.data import load_tokenizer_for
-            tokenizer = load_tokenizer_for(source)
+    return out
+
+
+def export(checkpoint_dir: str | Path, save_model_dir: str | Path, *, step: int | None = None,
+           dtype: str | None = None, tokenizer: Any = None, merge_lora: bool = False) -> Path:
+    """Write a checkpoint's model (the latest by default) in Hugging Face format: config.json,
+    safetensors (gathered to the host one tensor at a time) and, when the run's tokenizer can be
+    found (or `tokenizer` is given) and can save itself, its files. A LoRA checkpoint gives a PEFT
+    adapter folder, or with `merge_lora` the base with the adapters merged in."""
+    from flax import nnx
+
+    model, meta = load_model(checkpoint_dir, step)
+    lora = (meta.get("plan") or {}).get("lora")
+    lora = None if lora is None else lora_lib.LoraConfig(**lora)
+    if merge_lora and lora is None:
+        raise CheckpointError(f"--merge-lora needs a LoRA checkpoint; {checkpoint_dir} holds a full model, which "
+                              "exports as it is")
+    source = (meta.get("run") or {}).get("model_name_or_path")
+    if merge_lora:
+        adapters = nnx.state(model, nnx.Param)
+        model = load_base(meta, lora)
+        nnx.update(model, adapters)
+    out = write_model(model, save_model_dir, lora=lora, merge=merge_lora, base_model_name_or_path=source,
+                      dtype=dtype)
+    if tokenizer is None and source is not None:
+        from moai_jax.data import load_tokenizer_for
+        tokenizer = load_tokenizer_for(source)
     if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(str(out))
     return out

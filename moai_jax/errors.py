@@ -57,6 +57,10 @@ class GenerationError(MoaiError):
     """Prompts or generation settings that the model cannot generate from."""
 
 
+class LoraError(MoaiError):
+    """LoRA options that cannot adapt the model (rank, alpha, dropout, targets)."""
+
+
 def report_error(error: MoaiError) -> int:
     """Print a user's mistake as the one line `error: ...` on stderr; returns the scripts' exit status, 2."""
     print(f"error: {error}", file=sys.stderr)

@@ -28,7 +28,7 @@ from moai_jax.planner.plan import Plan
 from moai_jax.sharding.annotate import logical_sharding
 from moai_jax.sharding.mesh import make_mesh
 from moai_jax.sharding.infer import parameter_shardings
-from moai_jax.sharding.rules import partition_spec
+from moai_jax.sharding.rules import partition_spec, tree_shardings
 from moai_jax.train import (BATCH_KEYS, CHECKPOINT_POLICIES, LOSS_CHUNK, LossFn, TrainState, eval_step, model_loss,
                             own_model, train_step)
 
@@ -107,7 +107,11 @@ def build_step(abstract: nnx.Module, optimizer: optax.GradientTransformation, pl
     shaped = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
     abstract_state = jax.tree.map(shaped, TrainState(params=param_shapes, opt_state=opt_shapes,
                                                      step=jax.ShapeDtypeStruct((), jnp.int32)), state_shardings)
-    abstract_rest = jax.tree.map(lambda x: shaped(x, replicated), nnx.to_pure_dict(abstract_rest))
+    # moai_jax's models split their non-trained state (e.g. LoRA's frozen base) by its logical names too.
+    rest_shapes = nnx.to_pure_dict(abstract_rest)
+    rest_shardings = (tree_shardings(nnx.to_pure_dict(nnx.get_partition_spec(abstract_rest)), rest_shapes, mesh)
+                      if own_model(abstract) else jax.tree.map(lambda _: replicated, rest_shapes))
+    abstract_rest = jax.tree.map(shaped, rest_shapes, rest_shardings)
 
     def traced(fn):
         """`fn` traced inside the mesh's logical sharding, so the model's constraints take effect."""
@@ -120,9 +124,9 @@ def build_step(abstract: nnx.Module, optimizer: optax.GradientTransformation, pl
     train = functools.partial(train_step, tx=optimizer, loss=loss, micro_batches=accumulate,
                               remat_policy=remat_policy, grad_shardings=param_shardings)
     evaluate = functools.partial(eval_step, loss=loss)
-    step = jax.jit(traced(train), in_shardings=(state_shardings, batch_sharding, replicated),
+    step = jax.jit(traced(train), in_shardings=(state_shardings, batch_sharding, rest_shardings),
                    out_shardings=(state_shardings, replicated), donate_argnums=0)
-    evaluation = jax.jit(traced(evaluate), in_shardings=(param_shardings, batch_sharding, replicated),
+    evaluation = jax.jit(traced(evaluate), in_shardings=(param_shardings, batch_sharding, rest_shardings),
                          out_shardings=replicated)
     return StepParts(graphdef, param_shardings, state_shardings, batch_sharding, replicated, abstract_state,
                      abstract_rest, step, evaluation)

@@ -165,6 +165,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.
 
 def eval_step(params: Any, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef, rest: Any,
               loss: LossFn) -> dict[str, jax.Array]:
-    """Summed loss and token count of a batch, for a held-out mean over many batches."""
-    loss_sum, tokens = loss(nnx.merge(graphdef, params, rest), batch)
+    """Summed loss and token count of a batch, for a held-out mean over many batches (dropout off)."""
+    model = nnx.merge(graphdef, params, rest)
+    model.eval()
+    loss_sum, tokens = loss(model, batch)
     return {"loss_sum": loss_sum, "tokens": tokens}

@@ -15,6 +15,9 @@ A model of the user's own needs no moai_jax import: one whose `__call__(input_id
 (loss_sum, tokens)`, and `example_batch` (one global batch, arrays or `jax.ShapeDtypeStruct`s) when its
 batches are not int32 [batch, length]. Its parameters are sharded by `rules` (regex on the parameter path
 → logical names or a PartitionSpec) or by their shapes; the planner compiles candidates to choose.
+
+`lora=LoraConfig(r=8, alpha=16)` trains LoRA adapters on the frozen model instead of the model itself
+(`models/lora.py`); `params` then loads the base model, onto the frozen weights' shardings.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from flax import nnx
 from moai_jax import distributed
 from moai_jax.accelerator import Accelerator
 from moai_jax.errors import DataError, FlavorError
+from moai_jax.models import lora as lora_lib
 from moai_jax.planner.plan import Plan
 from moai_jax.sharding.mesh import MeshShape, check_mesh, make_mesh
 from moai_jax.step import StepParts, build_step, compile_step, compiled_bytes, layout
@@ -55,14 +59,20 @@ def fixed_axes(mesh: MeshShape | str | None) -> tuple[MeshShape | None, dict[str
 
 
 def init_state(parts: StepParts, model, optimizer: optax.GradientTransformation,
-               load: Callable[[Any], nnx.Module | dict] | None = None) -> tuple[TrainState, Any]:
-    """Parameters and optimizer state placed on their shards (born there when `model` is a builder)."""
+               load: Callable[[Any], nnx.Module | dict] | None = None,
+               lora: lora_lib.LoraConfig | None = None) -> tuple[TrainState, Any]:
+    """Parameters and optimizer state placed on their shards (born there when `model` is a builder).
+    Under `lora`, `load` loads the base onto the frozen weights' shards and adapters are added."""
     def split(module):
         _, params, rest = nnx.split(module, nnx.Param, ...)
         return nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
 
-    shardings = (parts.param_shardings, parts.replicated)
-    if load is not None:
+    rest_shardings = jax.tree.map(lambda x: x.sharding, parts.abstract_rest)
+    shardings = (parts.param_shardings, rest_shardings)
+    if load is not None and lora is not None:
+        params, rest = split(lora_lib.apply_lora(load(lora_lib.split_base(rest_shardings)[0]), lora))
+        params, rest = jax.device_put((params, rest), shardings)
+    elif load is not None:
         loaded = load(parts.param_shardings)
         params, rest = split(loaded) if isinstance(loaded, nnx.Module) else (loaded, {})
         params, rest = jax.device_put((params, rest), shardings)
@@ -82,8 +92,10 @@ class Trainer:
                  micro_batches: int | None = None, remat: str | None = None, plan: Plan | None = None,
                  params: Callable[[Any], nnx.Module | dict] | None = None, memory_fraction: float = 0.8,
                  loss_fn: Callable[[nnx.Module, dict], tuple[Any, Any]] | None = None, rules=None,
-                 example_batch: Mapping[str, Any] | None = None, autotune: int = 0):
-        self.accelerator = accelerator
+                 example_batch: Mapping[str, Any] | None = None, lora: lora_lib.LoraConfig | None = None,
+                 autotune: int = 0):
+        self.accelerator, self.lora = accelerator, lora
+        model = lora_lib.adapted(model, lora)
         self.batch_size, self.seq_len = batch_size, seq_len or 1
         self.loss_fn, self.rules = loss_fn, rules
         distributed.agree("batch", {"batch_size": batch_size, "seq_len": seq_len},
@@ -114,8 +126,9 @@ class Trainer:
             parts = build_step(abstract, optimizer, self.plan, self.mesh, loss_fn=loss_fn, rules=rules)
         self.graphdef, self._replicated, self.batch_sharding = parts.graphdef, parts.replicated, parts.batch_sharding
         self.param_shardings, self.state_shardings = parts.param_shardings, parts.state_shardings
+        self.rest_shardings = jax.tree.map(lambda x: x.sharding, parts.abstract_rest)
         self._step, self._eval = parts.step, parts.eval
-        self.state, self._rest = init_state(parts, model, optimizer, params)
+        self.state, self._rest = init_state(parts, model, optimizer, params, self.lora)
 
     def _auto_plan(self, abstract, optimizer, mesh, micro_batches, remat, memory_fraction, verified) -> Plan:
         """The planner's choice with the user's fixed knobs honored (a mesh string fixes all four axes).
@@ -143,7 +156,7 @@ class Trainer:
 
         return plan(self.config, self.batch_size, self.seq_len, self.accelerator, memory_fraction,
                     micro_batches=micro_batches, remat=remat, compute_dtype=dtype, optimizer=optimizer,
-                    verifier=verifier, **axes)
+                    verifier=verifier, lora=self.lora, **axes)
 
     def _autotune(self, count, model, abstract, optimizer, mesh, micro_batches, remat, memory_fraction,
                   verified) -> Plan:

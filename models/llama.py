@@ -20,6 +20,7 @@ from jax.ad_checkpoint import checkpoint_name
 from moai_jax.errors import ModelConfigError
 from moai_jax.models import attention as attention_lib
 from moai_jax.models import kv_cache
+from moai_jax.models import lora
 from moai_jax.models.config import ModelConfig
 from moai_jax.models.families import ACTIVATIONS
 from moai_jax.models.pipeline import pipelined_layers
@@ -113,6 +114,7 @@ class Attention(nnx.Module):
 
     def _project(self, x_BTE, weight, bias, heads: str, name: str):
         y_BTNH = jnp.einsum("bte,enh->btnh", x_BTE, weight[...].astype(self.dtype))
+        y_BTNH = lora.adapt(self, name, x_BTE, y_BTNH)
         if self.attention_bias:
             y_BTNH = y_BTNH + bias[...].astype(self.dtype)
         return checkpoint_name(constrain(y_BTNH, ("batch", "length", heads, "head_dim")), name)
@@ -138,6 +140,7 @@ class Attention(nnx.Module):
                                                **variants)
         out_BTNH = constrain(out_BTNH, ("batch", "length", "heads", "head_dim"))
         y_BTE = jnp.einsum("btnh,nhe->bte", out_BTNH, self.o_proj[...].astype(self.dtype))
+        y_BTE = lora.adapt(self, "out", out_BTNH, y_BTE)
         if c.family.output_bias:
             y_BTE = y_BTE + self.o_bias[...].astype(self.dtype)
         y_BTE = checkpoint_name(y_BTE, "out")
@@ -160,14 +163,16 @@ class MLP(nnx.Module):
         self.dtype, self.activation = dtype, ACTIVATIONS[config.hidden_act]
 
     def __call__(self, x_BTE):
-        up_BTF = checkpoint_name(x_BTE @ self.up_proj[...].astype(self.dtype), "up")
+        up_BTF = checkpoint_name(lora.adapt(self, "up", x_BTE, x_BTE @ self.up_proj[...].astype(self.dtype)), "up")
         if self.gated:
-            gate_BTF = checkpoint_name(x_BTE @ self.gate_proj[...].astype(self.dtype), "gate")
+            gate_BTF = checkpoint_name(
+                lora.adapt(self, "gate", x_BTE, x_BTE @ self.gate_proj[...].astype(self.dtype)), "gate")
             h_BTF = self.activation(gate_BTF) * up_BTF
         else:
             h_BTF = self.activation(up_BTF + self.up_bias[...].astype(self.dtype))
         h_BTF = constrain(h_BTF, ("batch", "length", "mlp"))
-        y_BTE = checkpoint_name(h_BTF @ self.down_proj[...].astype(self.dtype), "down")
+        y_BTE = checkpoint_name(lora.adapt(self, "down", h_BTF, h_BTF @ self.down_proj[...].astype(self.dtype)),
+                                "down")
         return y_BTE if self.gated else y_BTE + self.down_bias[...].astype(self.dtype)
 
 
@@ -258,10 +263,12 @@ class Decoder(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
         x_BTE, cos_BTH, sin_BTH = self._inputs(input_ids_BT, positions)
         graphdef, layer_state = nnx.split(self.layers)
+        layer_state = lora.frozen_as_bits(lora.seed_dropout(layer_state, input_ids_BT))
         windows_L = self._windows(length)
 
         def layer(x_BTE, state_and_window, cos_BTH, sin_BTH, segment_ids_BT):
             state, window = state_and_window
+            state = lora.frozen_from_bits(state, self.dtype)
             return nnx.merge(graphdef, state)(x_BTE, cos_BTH, sin_BTH, segment_ids_BT, implementation, window)
 
         if self.remat == "matmuls":

@@ -3,7 +3,9 @@
     python scripts/export.py --checkpoint-dir runs/ckpt --save-model-dir runs/model
     python scripts/export.py --checkpoint-dir runs/ckpt --step 1000 --save-model-dir runs/model-1000 --dtype bfloat16
 
-The folder loads with `transformers.AutoModelForCausalLM.from_pretrained(...)`.
+The folder loads with `transformers.AutoModelForCausalLM.from_pretrained(...)`. A LoRA run's checkpoint
+exports as a PEFT adapter folder (`peft.PeftModel.from_pretrained(base, folder)`), or with
+--merge-lora as the full model with the adapters merged into its base.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--step", type=int, default=None, help="the checkpoint's step (default: the latest)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="convert the weights on the way out (default: as trained, float32)")
+    p.add_argument("--merge-lora", action="store_true",
+                   help="a LoRA checkpoint: write the base with the adapters merged in, not a PEFT adapter folder")
     return p.parse_args(argv)
 
 
@@ -31,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     from moai_jax.errors import MoaiError, report_error
 
     try:
-        out = export(args.checkpoint_dir, args.save_model_dir, step=args.step, dtype=args.dtype)
+        out = export(args.checkpoint_dir, args.save_model_dir, step=args.step, dtype=args.dtype,
+                     merge_lora=args.merge_lora)
     except MoaiError as e:
         return report_error(e)
     print(f"Model: {out}")

@@ -76,6 +76,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="compile the planner's K best candidates, time a few steps of each on the devices and run "
                         "the fastest (measurements cached per model, hardware, flavor, batch and length; default 0: "
                         "the planner's estimate decides)")
+
+    from moai_jax.models import lora  # LoRA: --use-lora, --lora-r, --lora-alpha, --lora-dropout, --lora-targets
+
+    lora.add_arguments(p)
+    p.add_argument("--merge-lora", action="store_true",
+                   help="with --use-lora, --save-model-dir gets the merged full model instead of a PEFT adapter folder")
     return p.parse_args(argv)
 
 
@@ -114,6 +120,11 @@ def run(args: argparse.Namespace) -> int:
     flavor = parse_flavor(args.flavor)
     simulate_devices(flavor)  # before JAX starts its backends
     check_settings(args)
+    from moai_jax.models import lora
+
+    args.lora = lora.from_arguments(args)
+    if args.merge_lora and args.lora is None:
+        raise lora.LoraError("--merge-lora needs --use-lora; add --use-lora or drop --merge-lora")
     # before any work: a metrics file or checkpoint folder that cannot be written fails fast
     with MetricsFile(args.metrics_file if jax.process_index() == 0 else None) as metrics_file:  # one line per step
         checkpoints = open_checkpoints(args)
@@ -126,11 +137,11 @@ def train(args: argparse.Namespace, flavor: int, checkpoints, metrics_file) -> i
     import jax
     import jax.numpy as jnp
     from flax import nnx
-    from moai_jax.models import Decoder, ModelConfig, load_pretrained, save_pretrained
+    from moai_jax.models import Decoder, ModelConfig, load_pretrained
 
     from moai_jax import data
     from moai_jax.accelerator import Accelerator
-    from moai_jax.checkpoint import check_writable
+    from moai_jax.checkpoint import check_writable, write_model
     from moai_jax.errors import SettingError
     from moai_jax.generation import SamplePrompts
     from moai_jax.metrics import StepTimer, step_line, summary
@@ -147,6 +158,8 @@ def train(args: argparse.Namespace, flavor: int, checkpoints, metrics_file) -> i
     pretrained = Path(args.model_name_or_path).is_dir()
     config = (ModelConfig.from_pretrained(args.model_name_or_path) if pretrained
               else ModelConfig.preset(args.model_name_or_path))
+    if args.lora is not None:
+        args.lora.check(config)
     if args.resume:
         checkpoints.check_model(config)  # before loading anything big
     dtype = args.dtype if args.dtype != "auto" else ("float32" if accelerator.platform == "cpu" else "bfloat16")
@@ -168,10 +181,10 @@ def train(args: argparse.Namespace, flavor: int, checkpoints, metrics_file) -> i
 
     build = lambda: Decoder(config, rngs=nnx.Rngs(args.seed), dtype=jnp.dtype(dtype))  # noqa: E731
     load = (lambda shardings: load_pretrained(args.model_name_or_path, dtype=jnp.dtype(dtype), shardings=shardings)
-            ) if pretrained and not args.resume else None  # on --resume the checkpoint's weights replace them
+            ) if pretrained and (not args.resume or args.lora) else None  # a checkpoint holds all but a LoRA base
     trainer = Trainer(build, optimizer, args.batch_size, args.block_size, accelerator, args.mesh,
                       micro_batches=args.micro_batches, remat=args.remat, params=load,
-                      memory_fraction=args.memory_fraction, autotune=args.autotune)
+                      memory_fraction=args.memory_fraction, lora=args.lora, autotune=args.autotune)
     if trainer.autotune_report:
         print(trainer.autotune_report)
     where = f"{flavor} simulated CPU devices" if accelerator.simulated else f"{flavor} {accelerator.platform} device(s)"
@@ -225,7 +238,11 @@ def train(args: argparse.Namespace, flavor: int, checkpoints, metrics_file) -> i
         samples.show(trainer.model, trainer.mesh, "end")
 
     if args.save_model_dir:
-        save_pretrained(trainer.model, args.save_model_dir)  # every process gathers, process 0 writes
+        if args.lora is not None:
+            write_model(trainer.model, args.save_model_dir, lora=args.lora, merge=args.merge_lora,
+                        base_model_name_or_path=args.model_name_or_path)
+        else:
+            save_pretrained(trainer.model, args.save_model_dir)  # every process gathers, process 0 writes
         if jax.process_index() == 0:
             tokenizer.save_pretrained(args.save_model_dir)
     print(summary(len(rates), len(rates) * args.batch_size * args.block_size, rates, final_loss, args.save_model_dir))

@@ -32,6 +32,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--loss", default=None, help="fix the loss: whole or chunked (default: automatic)")
     p.add_argument("--dtype", default=None, help="compute dtype (default: bfloat16, float32 on cpu)")
     p.add_argument("--no-verify", action="store_true", help="rank only, skip the verifying compile")
+    from moai_jax.models import lora
+
+    lora.add_arguments(p)
     p.add_argument("--json", action="store_true", help="print the Plan as JSON")
     p.add_argument("--dump", default=None, help="also write the Plan as JSON to this file")
     from moai_jax import distributed  # planned on the devices of several processes
@@ -59,6 +62,9 @@ def run(args) -> int:
     from moai_jax.sizes import parse_bytes
     from moai_jax.sharding.mesh import MeshShape
 
+    from moai_jax.models import lora
+
+    adapters = lora.from_arguments(args)
     config = (ModelConfig.from_pretrained(args.model) if Path(args.model).is_dir() else ModelConfig.preset(args.model))
     memory = parse_bytes(args.device_memory) if args.device_memory else None
     acc = Accelerator(flavor, args.hardware, device_memory=memory, devices_per_host=args.devices_per_host)
@@ -69,7 +75,7 @@ def run(args) -> int:
         axes = {a: getattr(shape, a) for a in ("stage", "data", "fsdp", "tensor") if a in given}
     result = plan(config, args.batch_size, args.block_size, acc, args.memory_fraction, verify=not args.no_verify,
                   micro_batches=args.micro_batches, remat=args.remat, loss=args.loss, compute_dtype=args.dtype,
-                  **axes)
+                  lora=adapters, **axes)
     text = result.to_json(indent=2)
     if distributed.join().process_id == 0:  # of several processes, process 0 writes and prints
         if args.dump:

@@ -28,6 +28,7 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "mlp": ("tensor",),
     "vocab": ("tensor", "stage"),  # under a pipeline, each stage holds and computes a slice of the head
     "layers": ("stage",),  # pipeline stages hold consecutive groups of layers
+    "rank": (),  # a LoRA adapter's rank: never split
 }
 
 

@@ -10,6 +10,7 @@
     logits          float32 [tokens, vocab / tensor] logits, their gradient and softmax: whole or one chunk
     gathered        FSDP: one layer's weights (and the head) all-gathered in flight, forward and backward
     temporaries     the optimizer update's transient copies, the batch, compiled code
+    lora dropout    LoRA only: each target's dropped-out input, kept for its adapter's backward (`lora_terms`)
     pipeline        under stages: the micro-batches' inputs and outputs of the stages, and their gradients
 
 Under a pipeline (stage > 1) each device holds its stage's layers (and a slice of the vocab-sized
@@ -27,6 +28,7 @@ import functools
 import math
 
 from moai_jax.models import ModelConfig
+from moai_jax.models.lora import LoraConfig, adapter_shapes, weight_axes
 from moai_jax.sharding.mesh import MeshShape
 from moai_jax.sharding.rules import partition_spec
 from moai_jax.train import LOSS_CHUNK
@@ -127,9 +129,10 @@ def _per_token(coefficients, config: ModelConfig, tensor: int) -> float:
 
 
 def estimate_bytes(config: ModelConfig, batch_size: int, seq_len: int, mesh: MeshShape, *, micro_batches: int = 1,
-                   remat: str = "none", loss: str = "whole", param_bytes: int = 4, activation_bytes: int = 4
-                   ) -> dict[str, int]:
-    """Estimated bytes per device of the train step, by term, with "total"."""
+                   remat: str = "none", loss: str = "whole", param_bytes: int = 4, activation_bytes: int = 4,
+                   lora: LoraConfig | None = None, base_bytes: int = 2) -> dict[str, int]:
+    """Estimated bytes per device of the train step, by term, with "total". With `lora`, only the
+    adapters train and the base is stored in `base_bytes` per element (see `lora_terms`)."""
     p = sharded_param_elements(config, mesh) * param_bytes
     tokens = batch_size // micro_batches // mesh.batch_shards * seq_len  # per device, one micro-batch
     layers = held_layers(config, mesh, micro_batches, remat)
@@ -162,6 +165,9 @@ def estimate_bytes(config: ModelConfig, batch_size: int, seq_len: int, mesh: Mes
         "temporaries": UPDATE_COPIES * p + batch + CODE_BYTES,
         "pipeline": pipeline_buffers(config, batch_size, seq_len, mesh, activation_bytes),
     }
+    if lora is not None:
+        terms |= lora_terms(config, lora, mesh, tokens, micro_batches=micro_batches, remat=remat,
+                            base_bytes=base_bytes, activation_bytes=activation_bytes, batch=batch)
     terms = {k: int(v) for k, v in terms.items()}
     terms["total"] = sum(terms.values())
     return terms
@@ -186,3 +192,34 @@ def pipeline_buffers(config: ModelConfig, batch_size: int, seq_len: int, mesh: M
     if mesh.stage == 1:
         return 0.0
     return PIPELINE_COPIES * batch_size // mesh.batch_shards * seq_len * config.hidden_size * activation_bytes
+
+
+# LoRA: the frozen base has no gradient and no optimizer state, and is gathered (FSDP) without a
+# gradient to reduce-scatter; under remat "none" each target's dropped-out input is kept for its
+# adapter's backward. Fitted like the rest against XLA's compiled memory.
+LORA_GATHER_COPIES = 2.0  # a layer's gathered base weights: forward and backward
+LORA_HEAD_COPIES = 1.45  # the embedding and head gathered in flight (no gradients)
+LORA_DROPOUT_COPIES = 1.15  # per target's input element kept for backward (remat "none", dropout > 0)
+
+
+def lora_terms(config: ModelConfig, lora: LoraConfig, mesh: MeshShape, tokens: int, *, micro_batches: int,
+               remat: str, base_bytes: int, activation_bytes: int, batch: int) -> dict[str, float]:
+    """The terms that LoRA changes: parameters (base in `base_bytes`, float32 adapters), the adapters'
+    gradients and Adam moments, the kept dropout inputs, the base's gathered weights."""
+    sizes = {"stage": mesh.stage, "data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor}
+    base = sharded_param_elements(config, mesh) * base_bytes
+    adapters = sum(_shard_elements(s, n, sizes) for s, n in adapter_shapes(config, lora).values()) * 4
+    dropout = 0.0
+    if lora.dropout and remat == "none":
+        inputs = {t: math.prod(in_shape) / (1 if names == ("embed",) else mesh.tensor)
+                  for t, (in_shape, names, _, _) in weight_axes(config, lora.targets).items()}
+        dropout = LORA_DROPOUT_COPIES * config.num_layers * tokens * sum(inputs.values()) * activation_bytes
+    gathered = 0.0
+    if mesh.fsdp > 1:
+        layer = layer_param_elements(config) / mesh.tensor
+        head = config.vocab_size * config.hidden_size / mesh.tensor
+        gathered = ((LORA_GATHER_COPIES * layer + LORA_HEAD_COPIES * head) * max(base_bytes, activation_bytes)
+                    * (1 - 1 / mesh.fsdp))
+    return {"parameters": base + adapters, "gradients": adapters * (2 if micro_batches > 1 else 1),
+            "optimizer": 2 * adapters, "lora dropout": dropout, "gathered": gathered,
+            "temporaries": UPDATE_COPIES * adapters + batch + CODE_BYTES}

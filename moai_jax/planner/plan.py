@@ -41,6 +41,7 @@ class Plan:
     candidates_fitting: int | None = None  # whose estimated memory fits the budget
     parameter_shardings: dict[str, str] | None = None  # a user's model: parameter path → where its sharding came from
     measured_step_seconds: float | None = None  # autotuning: this plan's step, timed on the real devices
+    lora: dict | None = None  # LoRA's settings (models.lora.LoraConfig.to_dict()) when only adapters train
 
     @property
     def batch_per_device(self) -> float:
@@ -50,11 +51,12 @@ class Plan:
     def summary(self) -> str:
         """The chosen configuration in one line, as MoAI prints its selected config."""
         tp = f"TP {self.mesh.tensor}" if self.mesh.tensor > 1 else "No TP"
+        lora = "" if self.lora is None else f" | LoRA r {self.lora['r']} on {','.join(self.lora['targets'])}"
         pp = (f"num_stages {self.mesh.stage}, num_micro_batches {self.micro_batches}" if self.mesh.stage > 1
               else "No PP")
         return (f"flavor {self.flavor} ({self.hardware}) | mesh {self.mesh} | micro-batches {self.micro_batches} | "
                 f"batch per device {self.batch_per_device:g} | {pp} | {tp} | remat {self.remat} | loss {self.loss} | "
-                f"compute {self.compute_dtype}")
+                f"compute {self.compute_dtype}{lora}")
 
     def __str__(self) -> str:
         text = f"{self.summary()}\nwhy: {self.why}"

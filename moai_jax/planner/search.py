@@ -16,6 +16,8 @@ from moai_jax.accelerator import Accelerator, Hardware
 from moai_jax.errors import FlavorError, NoPlanFits
 from moai_jax.models import ModelConfig, flops_per_token
 from moai_jax.models.llama import REMAT_POLICIES
+from moai_jax.models.lora import LoraConfig
+from moai_jax.models.lora import flops_per_token as lora_flops
 from moai_jax.planner.candidates import Candidate, Fixed, candidates, check_fixed
 from moai_jax.planner.explain import alternatives, why_chosen
 from moai_jax.planner.memory import estimate_bytes
@@ -43,19 +45,20 @@ class Scored:
 
 
 def score(config: ModelConfig, batch_size: int, seq_len: int, hardware: Hardware, candidate: Candidate,
-          compute_dtype: str) -> Scored:
+          compute_dtype: str, lora: LoraConfig | None = None) -> Scored:
     c = candidate
+    compute_bytes = jnp.dtype(compute_dtype).itemsize
     memory = estimate_bytes(config, batch_size, seq_len, c.mesh, micro_batches=c.micro_batches, remat=c.remat,
-                            loss=c.loss)
+                            loss=c.loss, lora=lora, base_bytes=compute_bytes)
     seconds = estimate_seconds(config, batch_size, seq_len, c.mesh, hardware, micro_batches=c.micro_batches,
-                               remat=c.remat, compute_bytes=jnp.dtype(compute_dtype).itemsize)
+                               remat=c.remat, compute_bytes=compute_bytes, lora=lora)
     return Scored(c, memory, seconds)
 
 
 def rank(config: ModelConfig, batch_size: int, seq_len: int, flavor: int, hardware: Hardware, budget: int,
-         fixed: Fixed, compute_dtype: str) -> tuple[list[Scored], list[Scored]]:
+         fixed: Fixed, compute_dtype: str, lora: LoraConfig | None = None) -> tuple[list[Scored], list[Scored]]:
     """(fitting candidates fastest first, the rest smallest first)."""
-    scored = [score(config, batch_size, seq_len, hardware, c, compute_dtype)
+    scored = [score(config, batch_size, seq_len, hardware, c, compute_dtype, lora)
               for c in candidates(flavor, config, batch_size, seq_len, hardware.devices_per_host, fixed)]
     fits = [s for s in scored if s.memory["total"] <= budget]
     over = sorted((s for s in scored if s.memory["total"] > budget), key=lambda s: (s.memory["total"], s.candidate.key))
@@ -68,7 +71,8 @@ def rank(config: ModelConfig, batch_size: int, seq_len: int, flavor: int, hardwa
     return fits, over
 
 
-def smallest_flavor(config, batch_size, seq_len, hardware, memory_fraction, fixed: Fixed, start: int) -> int | None:
+def smallest_flavor(config, batch_size, seq_len, hardware, memory_fraction, fixed: Fixed, start: int,
+                    compute_dtype: str = "bfloat16", lora: LoraConfig | None = None) -> int | None:
     """The smallest flavor above `start` where some candidate's estimate fits (mesh axes left automatic)."""
     loose = dataclasses.replace(fixed, data=None, fsdp=None, tensor=None, stage=None)
     budget = int(memory_fraction * hardware.memory_bytes)
@@ -78,7 +82,8 @@ def smallest_flavor(config, batch_size, seq_len, hardware, memory_fraction, fixe
             if c.remat != "full" and loose.remat is None:
                 continue  # the most memory-saving policy answers "does anything fit"
             if estimate_bytes(config, batch_size, seq_len, c.mesh, micro_batches=c.micro_batches, remat=c.remat,
-                              loss=c.loss)["total"] <= budget:
+                              loss=c.loss, lora=lora, base_bytes=jnp.dtype(compute_dtype).itemsize
+                              )["total"] <= budget:
                 return n
     return None
 
@@ -101,8 +106,9 @@ def plan(model_config: ModelConfig, batch_size: int, seq_len: int, accelerator: 
          memory_fraction: float = 0.8, *, verify: bool = True, data: int | None = None, fsdp: int | None = None,
          tensor: int | None = None, micro_batches: int | None = None, remat: str | None = None,
          loss: str | None = None, compute_dtype: str | None = None, optimizer=None, stage: int | None = None,
-         verifier: Callable[[Plan], Verified] | None = None) -> Plan:
+         verifier: Callable[[Plan], Verified] | None = None, lora: LoraConfig | None = None) -> Plan:
     """The fastest plan whose memory fits `memory_fraction` of each device, verified by a compile.
+    With `lora` (a models.lora.LoraConfig), only LoRA adapters train on a frozen base in the compute dtype.
 
     `verifier` compiles a candidate and measures it (default: the train step of an abstract Decoder
     of `model_config`); the Trainer passes its own, so the verifying compile is the one it runs."""
@@ -120,7 +126,9 @@ def plan(model_config: ModelConfig, batch_size: int, seq_len: int, accelerator: 
                   stage=stage)
     check_fixed(fixed, flavor, model_config, batch_size, seq_len, hardware.devices_per_host)
     budget = int(memory_fraction * hardware.memory_bytes)
-    fits, over = rank(model_config, batch_size, seq_len, flavor, hardware, budget, fixed, compute_dtype)
+    if lora is not None:
+        lora.check(model_config)
+    fits, over = rank(model_config, batch_size, seq_len, flavor, hardware, budget, fixed, compute_dtype, lora)
     ranked_seconds = time.perf_counter() - start
     if not over and not fits:
         raise FlavorError(f"batch size {batch_size} cannot be split evenly over flavor {flavor} with the fixed "
@@ -130,14 +138,16 @@ def plan(model_config: ModelConfig, batch_size: int, seq_len: int, accelerator: 
         c = s.candidate
         tokens = batch_size * seq_len
         step = s.seconds["total"]
-        mfu = flops_per_token(model_config, seq_len) * tokens / step / (flavor * hardware.peak_flops)
+        flops = flops_per_token(model_config, seq_len) if lora is None else lora_flops(model_config, seq_len, lora)
+        mfu = flops * tokens / step / (flavor * hardware.peak_flops)
         return Plan(flavor=flavor, hardware=hardware.name, mesh=c.mesh, batch_size=batch_size, seq_len=seq_len,
                     micro_batches=c.micro_batches, remat=c.remat, loss=c.loss, compute_dtype=compute_dtype,
                     estimated_bytes_per_device=s.memory, budget_bytes_per_device=budget,
                     estimated_step_seconds={k: round(v, 6) for k, v in s.seconds.items()},
                     estimated_tokens_per_sec=round(tokens / step, 1), estimated_mfu=round(mfu, 4), why=why,
                     alternatives=tuple(alts), planning_seconds={"rank": round(ranked_seconds, 3)},
-                    candidates_considered=len(fits) + len(over), candidates_fitting=len(fits))
+                    candidates_considered=len(fits) + len(over), candidates_fitting=len(fits),
+                    lora=None if lora is None else lora.to_dict())
 
     rejected: list[tuple[Scored, str]] = []
     compiled: list[int] = []
@@ -169,9 +179,13 @@ def plan(model_config: ModelConfig, batch_size: int, seq_len: int, accelerator: 
             f"({memory_fraction:g} × {format_bytes(hardware.memory_bytes)} of {hardware.name}); "
             + (hint if shared else "use a larger flavor, a smaller batch, or leave knobs automatic"))
     if not shared:
-        bigger = smallest_flavor(model_config, batch_size, seq_len, hardware, memory_fraction, fixed, flavor)
+        bigger = smallest_flavor(model_config, batch_size, seq_len, hardware, memory_fraction, fixed, flavor,
+                                 compute_dtype, lora)
         hint = (f"the smallest flavor that fits is {bigger}" if bigger
                 else "no flavor up to 4096 fits; reduce the batch size or sequence length")
+        if lora is None and rank(model_config, batch_size, seq_len, flavor, hardware, budget, fixed, compute_dtype,
+                                 LoraConfig())[0]:
+            hint += f"; LoRA (--use-lora) fits flavor {flavor}"
     fixed_text = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(fixed).items() if v is not None)
     raise NoPlanFits(
         f"no plan fits {flavor} × {hardware.name} at batch {batch_size} × {seq_len}"

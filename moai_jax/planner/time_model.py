@@ -26,6 +26,8 @@ import math
 
 from moai_jax.accelerator import Hardware
 from moai_jax.models import ModelConfig, flops_per_token, param_count
+from moai_jax.models.lora import LoraConfig, adapter_param_count
+from moai_jax.models.lora import flops_per_token as lora_flops_per_token
 from moai_jax.sharding.mesh import MeshShape
 
 PEAK_EFFICIENCY = 0.53  # of peak FLOP/s that large bfloat16 matmuls reach in a training step (fitted: planner/published.py)
@@ -38,6 +40,8 @@ OVERLAP = 0.8  # share of compute time that can hide data / fsdp communication
 MICRO_BATCH_OVERHEAD = 0.01  # seconds per micro-batch: loop, gradient accumulation, launch
 REMAT_FLOPS = {"none": 1.0, "matmuls": 1.05, "full": 4 / 3}  # training FLOPs relative to no recompute
 STAGE_RECOMPUTE_FLOPS = 1 / 3  # under a pipeline, remat full also recomputes each stage's forward once
+# LoRA: the recomputed forward (2 · N) weighs more against a step without weight gradients (4 · N).
+LORA_REMAT_FLOPS = {"none": 1.0, "matmuls": 1.05, "full": 3 / 2}
 
 
 def _bandwidth(hardware: Hardware, span: int) -> float:
@@ -45,12 +49,18 @@ def _bandwidth(hardware: Hardware, span: int) -> float:
 
 
 def estimate_seconds(config: ModelConfig, batch_size: int, seq_len: int, mesh: MeshShape, hardware: Hardware, *,
-                     micro_batches: int = 1, remat: str = "none", compute_bytes: int = 2) -> dict[str, float]:
-    """Estimated seconds of one step, split into compute, per-axis communication and total."""
+                     micro_batches: int = 1, remat: str = "none", compute_bytes: int = 2,
+                     lora: LoraConfig | None = None) -> dict[str, float]:
+    """Estimated seconds of one step, split into compute, per-axis communication and total. With
+    `lora`, no base weight gradient is computed, all-reduced or reduce-scattered (`lora_work`)."""
     devices = mesh.size
     tokens = batch_size * seq_len
     recompute = REMAT_FLOPS[remat] + (STAGE_RECOMPUTE_FLOPS if mesh.stage > 1 and remat == "full" else 0.0)
-    flops = flops_per_token(config, seq_len) * tokens * recompute
+    if lora is None:
+        per_token, trained = flops_per_token(config, seq_len) * recompute, param_count(config)
+    else:
+        per_token, trained = lora_work(config, seq_len, lora, remat)
+    flops = per_token * tokens
     rows = tokens / micro_batches / mesh.batch_shards  # matmul rows per device per micro-batch
     work = rows / mesh.tensor  # tensor parallelism narrows each device's matmuls as much as fewer rows would
     efficiency = (PEAK_EFFICIENCY * work / (work + HALF_EFFICIENCY_ROWS)
@@ -60,12 +70,13 @@ def estimate_seconds(config: ModelConfig, batch_size: int, seq_len: int, mesh: M
 
     params = param_count(config)
     s, t, f, d = mesh.stage, mesh.tensor, mesh.fsdp, mesh.data
-    grad_bytes = 4 * params / (f * t * s)
+    grad_bytes = 4 * trained / (f * t * s)
     data = 2 * (d - 1) / d * grad_bytes / _bandwidth(hardware, t * f * d) if d > 1 else 0.0
     fsdp = 0.0
     if f > 1:
         shard_volume = params / t / s * (f - 1) / f
-        per_micro = shard_volume * (2 * compute_bytes + 4)  # gather fwd + bwd, reduce-scatter f32 grads
+        # gather forward and backward, reduce-scatter the float32 gradients of what trains
+        per_micro = shard_volume * 2 * compute_bytes + trained / t / s * (f - 1) / f * 4
         fsdp = ticks * per_micro / _bandwidth(hardware, t * f)
     tensor = 0.0
     if t > 1:
@@ -97,3 +108,9 @@ def pipeline_seconds(config: ModelConfig, seq_len: int, batch_size: int, mesh: M
     handed_to_head = 2 * batch_size / mesh.batch_shards * seq_len * config.hidden_size * compute_bytes
     link = _bandwidth(hardware, mesh.size)  # stage is outermost: its neighbours are a whole sub-mesh apart
     return bubble, (pipeline_ticks(mesh, micro_batches) * per_tick + handed_to_head) / link
+
+
+def lora_work(config: ModelConfig, seq_len: int, lora: LoraConfig, remat: str) -> tuple[float, int]:
+    """LoRA's training FLOPs per token (recompute included) and its trained parameters, the adapters."""
+    return (lora_flops_per_token(config, seq_len, lora) * LORA_REMAT_FLOPS[remat],
+            adapter_param_count(config, lora))

@@ -16,15 +16,17 @@ import optax
 from flax import nnx
 
 from moai_jax.models import Decoder, ModelConfig
+from moai_jax.models.lora import LoraConfig, adapted
 from moai_jax.planner.plan import Plan
 from moai_jax.step import Verified, compile_step
 
 
 def abstract_model(config: ModelConfig, plan: Plan) -> Decoder:
-    """The plan's Decoder as shapes only (no parameter is allocated)."""
+    """The plan's Decoder (with its LoRA adapters, if any) as shapes only (no parameter is allocated)."""
     dtype, param_dtype = jnp.dtype(plan.compute_dtype), jnp.dtype(plan.param_dtype)
-    return nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
-                                          remat=plan.remat, attention="auto"))
+    lora = None if plan.lora is None else LoraConfig(**plan.lora)
+    return nnx.eval_shape(lambda: adapted(Decoder(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
+                                                  remat=plan.remat, attention="auto"), lora))
 
 
 def verify(plan: Plan, config: ModelConfig, devices: Sequence[jax.Device],
