@@ -206,9 +206,8 @@ def lora_terms(config: ModelConfig, lora: LoraConfig, mesh: MeshShape, tokens: i
                remat: str, base_bytes: int, activation_bytes: int, batch: int) -> dict[str, float]:
     """The terms that LoRA changes: parameters (base in `base_bytes`, float32 adapters), the adapters'
     gradients and Adam moments, the kept dropout inputs, the base's gathered weights."""
-    sizes = {"stage": mesh.stage, "data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor}
     base = sharded_param_elements(config, mesh) * base_bytes
-    adapters = sum(_shard_elements(s, n, sizes) for s, n in adapter_shapes(config, lora).values()) * 4
+    adapters = _sharded_elements(tuple(adapter_shapes(config, lora).values()), mesh) * 4
     dropout = 0.0
     if lora.dropout and remat == "none":
         inputs = {t: math.prod(in_shape) / (1 if names == ("embed",) else mesh.tensor)
