@@ -119,7 +119,6 @@ def test_same_lora_steps_on_every_mesh_and_resumed_on_another(lora_run, tmp_path
     reference = runs["data=1,fsdp=1,tensor=1"]
     for mesh, run in runs.items():
         np.testing.assert_allclose(run, reference, rtol=1e-5, err_msg=mesh)
-    assert reference[-1] < reference[0]
     # 2×2×2: adapters split like the weight they adapt, the frozen base split by its logical names
     attention = trainer.rest_shardings["layers"]["attention"]
     assert attention["q_proj"].spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
