@@ -238,11 +238,9 @@ def train(args: argparse.Namespace, flavor: int, checkpoints, metrics_file) -> i
         samples.show(trainer.model, trainer.mesh, "end")
 
     if args.save_model_dir:
-        if args.lora is not None:
-            write_model(trainer.model, args.save_model_dir, lora=args.lora, merge=args.merge_lora,
-                        base_model_name_or_path=args.model_name_or_path)
-        else:
-            save_pretrained(trainer.model, args.save_model_dir)  # every process gathers, process 0 writes
+        # every process gathers, process 0 writes
+        write_model(trainer.model, args.save_model_dir, lora=args.lora, merge=args.merge_lora,
+                    base_model_name_or_path=args.model_name_or_path)
         if jax.process_index() == 0:
             tokenizer.save_pretrained(args.save_model_dir)
     print(summary(len(rates), len(rates) * args.batch_size * args.block_size, rates, final_loss, args.save_model_dir))

@@ -6,7 +6,6 @@ import dataclasses
 import json
 import subprocess
 import sys
-import time
 import types
 from pathlib import Path
 
@@ -51,10 +50,8 @@ def test_seed_story_on_mi250():
              tensor=1, micro_batches=1, remat=fixed.remat, loss=fixed.loss)
 
 
-def test_llama3_70b_on_64_fits_and_ranks_fast():
-    start = time.perf_counter()
+def test_llama3_70b_on_64_fits_and_is_deterministic():
     p = plan(ModelConfig.preset("llama3-70b"), 512, 1024, target(64, "h100"), verify=False)
-    assert time.perf_counter() - start < 2.0
     assert p.estimated_bytes_per_device["total"] <= p.budget_bytes_per_device
     again = plan(ModelConfig.preset("llama3-70b"), 512, 1024, target(64, "h100"), verify=False)
     assert dataclasses.replace(again, planning_seconds=None) == dataclasses.replace(p, planning_seconds=None)
