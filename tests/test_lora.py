@@ -16,7 +16,7 @@ import moai_jax as moai
 from moai_jax.checkpoint import Checkpoints
 from moai_jax.models import Decoder, ModelConfig, flops_per_token, load_pretrained, save_pretrained
 from moai_jax.models import lora as lora_lib
-from moai_jax.optimizer import adamw
+from moai_jax.optimizer import adamw, learning_rate_schedule
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ["--batch-size", "8", "--block-size", "32", "--seed", "0", "--lr", "1e-2", "--warmup-steps", "0"]
@@ -139,7 +139,8 @@ def test_same_lora_steps_on_every_mesh_and_resumed_on_another(lora_run, tmp_path
     params = saved._manager.item_metadata(50)["params"]
     assert all("lora_" in "/".join(map(str, k)) for k, _ in jax.tree.leaves_with_path(params))
     def resumable(flavor, mesh, lora):
-        return moai.Trainer(lambda: Decoder(config, rngs=nnx.Rngs(0)), adamw(1e-2), 8, 32, moai.Accelerator(flavor),
+        schedule = learning_rate_schedule(1e-2, 50, warmup_steps=0)  # finetune.py's optimizer, so its state fits
+        return moai.Trainer(lambda: Decoder(config, rngs=nnx.Rngs(0)), adamw(schedule), 8, 32, moai.Accelerator(flavor),
                             mesh, micro_batches=1, remat="none", lora=lora,
                             params=lambda shardings: load_pretrained(base, shardings=shardings))
 
