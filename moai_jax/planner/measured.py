@@ -24,7 +24,7 @@ from flax import nnx
 from moai_jax.accelerator import Accelerator, Hardware
 from moai_jax.errors import FlavorError, NoPlanFits
 from moai_jax.planner.plan import Plan
-from moai_jax.planner.time_model import MICRO_BATCH_OVERHEAD, OVERLAP, PEAK_EFFICIENCY, TENSOR_EFFICIENCY_LOSS
+from moai_jax.planner.time_model import MICRO_BATCH_OVERHEAD, OVERLAP, PEAK_EFFICIENCY, split_efficiency
 from moai_jax.sharding.infer import origins, parameter_paths, parameter_specs
 from moai_jax.sharding.mesh import MeshShape, divisors
 from moai_jax.sizes import format_bytes
@@ -128,7 +128,10 @@ def estimate(prof: Profile, mesh: MeshShape, micro_batches: int, remat: str, bat
 
     count = sum(prof.param_bytes.values()) / 4  # parameters (kept in float32)
     flops = 6 * count * tokens * REMAT_FLOPS[remat]
-    efficiency = PEAK_EFFICIENCY * (1 - TENSOR_EFFICIENCY_LOSS * math.log2(mesh.tensor))
+    # the model's width: the shorter side of its largest matrix (embedding or MLP: the hidden size)
+    width = min(max((shape for shape, _ in prof.paths.values() if len(shape) >= 2), key=math.prod,
+                    default=(1, 1))[-2:])
+    efficiency = PEAK_EFFICIENCY * split_efficiency(width, mesh.tensor)
     compute = flops / (mesh.size * hardware.peak_flops * efficiency) + MICRO_BATCH_OVERHEAD * micro_batches
     d, f, t = mesh.data, mesh.fsdp, mesh.tensor
     data = 2 * (d - 1) / d * params / _bandwidth(hardware, d * f * t) if d > 1 else 0.0

@@ -34,6 +34,8 @@ class Run:
     seq_len: int
     micro_batches: int
     remat: str
+    virtual_stages: int = 1  # an interleaved pipeline schedule (Megatron's virtual pipeline stages)
+    overlap_collectives: bool = False  # tensor-parallel and stage transfers overlapped with the matmuls
 
     @property
     def devices(self) -> int:
@@ -43,7 +45,9 @@ class Run:
         """The time model's estimate for the whole step, all devices together."""
         seconds = estimate_seconds(ModelConfig.preset(self.model), self.batch_size, self.seq_len,
                                    MeshShape(**self.mesh), hardware_profile(self.hardware),
-                                   micro_batches=self.micro_batches, remat=self.remat)["total"]
+                                   micro_batches=self.micro_batches, remat=self.remat,
+                                   virtual_stages=self.virtual_stages,
+                                   overlap_collectives=self.overlap_collectives)["total"]
         return self.batch_size * self.seq_len / seconds
 
 
@@ -79,6 +83,12 @@ RUNS = (
               "DP 4 × CP 2, distributed optimizer, GBS 128, MBS 1 (12.27 s, MFU 62.5%) → fsdp=8, 16 "
               "micro-batches, remat none", 8192 * 128 / 12.27 / 8,
               Run("llama3.1-8b", "h100", {"fsdp": 8}, 128, 8192, 16, "none")),
+    Published("NeMo Llama 3.1 70B, 64 × H100", NEMO,
+              "TP 4 (sequence parallel, userbuffers overlap), PP 4 × VP 5 (interleaved, p2p overlapped), CP 2, "
+              "DP 2, GBS 128, MBS 1 (14.66 s, MFU 54.3%) → stage=4 × data=4 × tensor=4, 32 micro-batches of one "
+              "sequence, virtual stages 5, collectives overlapped, remat none", 8192 * 128 / 14.66 / 64,
+              Run("llama3.1-70b", "h100", {"stage": 4, "data": 4, "tensor": 4}, 128, 8192, 32, "none",
+                  virtual_stages=5, overlap_collectives=True)),
     Published("MoAI Llama3-8B: batch 64 on 16 over batch 16 on 4", MOAI,
               "12.9k → 49k tokens/s (3.8×), no PP, no TP → fsdp=4 → fsdp=16", 49_000 / 12_900,
               _MOAI_64, _MOAI_16),

@@ -1,17 +1,24 @@
 """The time model: seconds of one train step on the target hardware, compute plus exposed communication.
 
     compute        training FLOPs (remat recompute included) / (devices × peak × efficiency), where the
-                   efficiency falls as each device's matmuls shrink (few tokens per micro-batch, or the
-                   narrower matmuls of a tensor split)
+                   efficiency falls as each device's matmuls shrink in either outer dimension: fewer rows
+                   (tokens per device per micro-batch) or narrower columns (a tensor split cuts every
+                   weight's columns or rows `tensor` ways, while each device keeps all the micro-batch's
+                   rows)
     data           gradient all-reduce over `data`, once per step, overlapped with compute
     fsdp           weights all-gathered forward and backward and gradients reduce-scattered, once per
                    micro-batch, overlapped with compute
-    tensor         two all-reduces of [tokens, hidden] activations per layer, forward and backward: on
-                   the critical path
+    tensor         per layer, two all-reduces of the [tokens, hidden] activations in each pass (the same
+                   bytes as sequence parallelism's two all-gathers and two reduce-scatters) over the link
+                   `tensor` spans: the forward ones (and remat's recompute) sit between dependent matmuls,
+                   on the critical path; the backward ones overlap the weight-gradient matmuls that do not
+                   wait for them (a third of the backward's FLOPs), only what exceeds those is exposed
     bubble         under a pipeline, the ticks a stage waits for its first or after its last
                    micro-batch: compute × (stages − 1) / micro_batches, so that compute + bubble is
                    compute stretched over micro_batches + stages − 1 ticks (an idle share of
-                   (stages − 1) / (micro_batches + stages − 1))
+                   (stages − 1) / (micro_batches + stages − 1)); an interleaved schedule (Megatron's
+                   virtual stages: each device holds `virtual_stages` chunks of layers) divides it by
+                   `virtual_stages` (moai_jax's own pipeline is GPipe: 1)
     stage          each tick's [rows, length, hidden] activations passed to the next stage, forward and
                    backward, and the last stage's outputs handed to the head: on the critical path
 Each axis uses the link it spans: devices are laid out tensor innermost, then fsdp, then data, then
@@ -22,20 +29,16 @@ fsdp once per tick, its gradients all-reduced over data.
 
 from __future__ import annotations
 
-import math
-
 from moai_jax.accelerator import Hardware
 from moai_jax.models import ModelConfig, flops_per_token, param_count
 from moai_jax.models.lora import LoraConfig, adapter_param_count
 from moai_jax.models.lora import flops_per_token as lora_flops_per_token
 from moai_jax.sharding.mesh import MeshShape
 
-PEAK_EFFICIENCY = 0.53  # of peak FLOP/s that large bfloat16 matmuls reach in a training step (fitted: planner/published.py)
+PEAK_EFFICIENCY = 0.545  # of peak FLOP/s that large bfloat16 matmuls reach in a training step (fitted: planner/published.py)
 HALF_EFFICIENCY_ROWS = 1024  # matmul rows (tokens per device per micro-batch) at which half of it is lost
-# Per doubling of `tensor`: the layer's all-reduces sit between its matmuls, which then cannot
-# overlap with anything, and the split matmuls run below peak; tensor parallelism pays off only
-# when the per-device batch would otherwise fall below a sequence or memory runs out.
-TENSOR_EFFICIENCY_LOSS = 0.15
+HALF_EFFICIENCY_COLUMNS = 512  # matmul columns per device (a tensor split narrows them) at which half is lost
+BACKWARD_WEIGHT_SHARE = 1 / 3  # of a step's FLOPs: the weight-gradient matmuls, which need no all-reduce
 OVERLAP = 0.8  # share of compute time that can hide data / fsdp communication
 MICRO_BATCH_OVERHEAD = 0.01  # seconds per micro-batch: loop, gradient accumulation, launch
 REMAT_FLOPS = {"none": 1.0, "matmuls": 1.05, "full": 4 / 3}  # training FLOPs relative to no recompute
@@ -50,9 +53,13 @@ def _bandwidth(hardware: Hardware, span: int) -> float:
 
 def estimate_seconds(config: ModelConfig, batch_size: int, seq_len: int, mesh: MeshShape, hardware: Hardware, *,
                      micro_batches: int = 1, remat: str = "none", compute_bytes: int = 2,
-                     lora: LoraConfig | None = None) -> dict[str, float]:
+                     lora: LoraConfig | None = None, virtual_stages: int = 1,
+                     overlap_collectives: bool = False) -> dict[str, float]:
     """Estimated seconds of one step, split into compute, per-axis communication and total. With
-    `lora`, no base weight gradient is computed, all-reduced or reduce-scattered (`lora_work`)."""
+    `lora`, no base weight gradient is computed, all-reduced or reduce-scattered (`lora_work`).
+    Two schedules moai_jax's step does not have, for published runs: `virtual_stages` > 1, an
+    interleaved pipeline; `overlap_collectives`, tensor-parallel collectives and stage transfers
+    overlapped with the matmuls like data and fsdp traffic (Megatron's userbuffers and overlap_p2p_comm)."""
     devices = mesh.size
     tokens = batch_size * seq_len
     recompute = REMAT_FLOPS[remat] + (STAGE_RECOMPUTE_FLOPS if mesh.stage > 1 and remat == "full" else 0.0)
@@ -62,10 +69,9 @@ def estimate_seconds(config: ModelConfig, batch_size: int, seq_len: int, mesh: M
         per_token, trained = lora_work(config, seq_len, lora, remat)
     flops = per_token * tokens
     rows = tokens / micro_batches / mesh.batch_shards  # matmul rows per device per micro-batch
-    work = rows / mesh.tensor  # tensor parallelism narrows each device's matmuls as much as fewer rows would
-    efficiency = (PEAK_EFFICIENCY * work / (work + HALF_EFFICIENCY_ROWS)
-                  * (1 - TENSOR_EFFICIENCY_LOSS * math.log2(mesh.tensor)))
-    ticks = pipeline_ticks(mesh, micro_batches)  # micro-batch passes over a device's layers
+    efficiency = PEAK_EFFICIENCY * rows / (rows + HALF_EFFICIENCY_ROWS) * split_efficiency(config.hidden_size,
+                                                                                         mesh.tensor)
+    ticks = pipeline_ticks(mesh, micro_batches, virtual_stages)  # micro-batch passes over a device's layers
     compute = flops / (devices * hardware.peak_flops * efficiency) + MICRO_BATCH_OVERHEAD * ticks
 
     params = param_count(config)
@@ -79,35 +85,50 @@ def estimate_seconds(config: ModelConfig, batch_size: int, seq_len: int, mesh: M
         per_micro = shard_volume * 2 * compute_bytes + trained / t / s * (f - 1) / f * 4
         fsdp = ticks * per_micro / _bandwidth(hardware, t * f)
     tensor = 0.0
-    if t > 1:
-        passes = 3 if remat == "full" else 2  # forward (+ recompute) and backward
-        volume = 2 * passes * config.num_layers / s * rows * config.hidden_size * compute_bytes * 2 * (t - 1) / t
-        tensor = ticks * volume / _bandwidth(hardware, t)
+    if t > 1:  # one pass's all-reduces, each moving 2 (t − 1) / t of a [rows, hidden] activation
+        per_pass = ticks * 2 * config.num_layers / s * rows * config.hidden_size * compute_bytes * 2 * (t - 1) / t
+        forward = (2 if remat == "full" else 1) * per_pass / _bandwidth(hardware, t)
+        backward = per_pass / _bandwidth(hardware, t)
+        weight_grads = 0.0 if lora else BACKWARD_WEIGHT_SHARE * flops / recompute
+        hidden_under = weight_grads / (devices * hardware.peak_flops * efficiency)
+        tensor = forward + backward if overlap_collectives else forward + max(0.0, backward - hidden_under)
     bubble, stage = pipeline_seconds(config, seq_len, batch_size, mesh, hardware, micro_batches, compute,
-                                     compute_bytes)
-    exposed = max(0.0, data + fsdp - OVERLAP * compute)
-    total = compute + bubble + exposed + tensor + stage
+                                     compute_bytes, virtual_stages)
+    if overlap_collectives:
+        total = compute + bubble + max(0.0, data + fsdp + tensor + stage - OVERLAP * compute)
+    else:
+        total = compute + bubble + max(0.0, data + fsdp - OVERLAP * compute) + tensor + stage
     return {"compute": compute, "data": data, "fsdp": fsdp, "tensor": tensor, "bubble": bubble, "stage": stage,
             "total": total}
 
 
-def pipeline_ticks(mesh: MeshShape, micro_batches: int) -> int:
+def pipeline_ticks(mesh: MeshShape, micro_batches: int, virtual_stages: int = 1) -> float:
     """How many times a device runs its layers in one step: once per micro-batch, plus the stages − 1
-    ticks of a pipeline's fill and drain."""
-    return micro_batches + mesh.stage - 1
+    ticks of a pipeline's fill and drain (each 1 / virtual_stages of the layers when interleaved)."""
+    return micro_batches + (mesh.stage - 1) / virtual_stages
 
 
 def pipeline_seconds(config: ModelConfig, seq_len: int, batch_size: int, mesh: MeshShape, hardware: Hardware,
-                     micro_batches: int, compute: float, compute_bytes: int) -> tuple[float, float]:
-    """(bubble, stage-to-stage transfer) seconds of a pipeline; (0, 0) without one."""
+                     micro_batches: int, compute: float, compute_bytes: int,
+                     virtual_stages: int = 1) -> tuple[float, float]:
+    """(bubble, stage-to-stage transfer) seconds of a pipeline; (0, 0) without one. Interleaved, each
+    micro-batch crosses stages × virtual_stages − 1 chunk boundaries instead of stages − 1."""
     if mesh.stage == 1:
         return 0.0, 0.0
-    bubble = compute * (mesh.stage - 1) / micro_batches
+    bubble = compute * (mesh.stage - 1) / (micro_batches * virtual_stages)
     rows = batch_size / micro_batches / mesh.batch_shards
     per_tick = rows * seq_len * config.hidden_size * compute_bytes * 2  # forward and backward
     handed_to_head = 2 * batch_size / mesh.batch_shards * seq_len * config.hidden_size * compute_bytes
     link = _bandwidth(hardware, mesh.size)  # stage is outermost: its neighbours are a whole sub-mesh apart
-    return bubble, (pipeline_ticks(mesh, micro_batches) * per_tick + handed_to_head) / link
+    return bubble, (virtual_stages * pipeline_ticks(mesh, micro_batches, virtual_stages) * per_tick
+                    + handed_to_head) / link
+
+
+def split_efficiency(width: int, tensor: int) -> float:
+    """The share of its matmul efficiency a model `width` wide keeps when `tensor` cuts each device's
+    slice to width / tensor columns (1 without a split)."""
+    narrow = width / tensor
+    return narrow / (narrow + HALF_EFFICIENCY_COLUMNS) / (width / (width + HALF_EFFICIENCY_COLUMNS))
 
 
 def lora_work(config: ModelConfig, seq_len: int, lora: LoraConfig, remat: str) -> tuple[float, int]:
