@@ -11,8 +11,8 @@
     tensor         per layer, two all-reduces of the [tokens, hidden] activations in each pass (the same
                    bytes as sequence parallelism's two all-gathers and two reduce-scatters) over the link
                    `tensor` spans: the forward ones (and remat's recompute) sit between dependent matmuls,
-                   on the critical path; the backward ones overlap the weight-gradient matmuls that do not
-                   wait for them (a third of the backward's FLOPs), only what exceeds those is exposed
+                   on the critical path; the backward ones overlap the weight-gradient matmuls, which do
+                   not wait for them (a third of the step's FLOPs): only what exceeds those is exposed
     bubble         under a pipeline, the ticks a stage waits for its first or after its last
                    micro-batch: compute × (stages − 1) / micro_batches, so that compute + bubble is
                    compute stretched over micro_batches + stages − 1 ticks (an idle share of
