@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-# (model, flavor, data, fsdp, tensor, batch, seq, micro_batches, remat, loss, compute dtype[, pipeline stages])
+# (model, flavor, data, fsdp, tensor, batch, seq, micro_batches, remat, loss, compute dtype[, pipeline stages[, "lora"]])
 CASES = [
     ("tiny", 1, 1, 1, 1, 8, 128, 1, "none", "whole", "float32"),
     ("tiny", 8, 8, 1, 1, 16, 128, 1, "none", "whole", "float32"),
@@ -46,6 +46,14 @@ CASES = [
     ("llama3-8b", 16, 1, 2, 1, 64, 1024, 16, "full", "chunked", "bfloat16", 8),
     ("llama3-70b", 64, 1, 8, 1, 512, 1024, 16, "full", "whole", "bfloat16", 8),
     ("llama2-7b", 32, 1, 32, 1, 256, 2048, 4, "full", "chunked", "float32"),  # the plan for 32 × tpu-v5e
+    # LoRA (r 8 on every projection, dropout 0.05): a frozen base in the compute dtype
+    ("small", 1, 1, 1, 1, 8, 512, 1, "none", "whole", "bfloat16", 1, "lora"),
+    ("small", 8, 1, 8, 1, 16, 512, 2, "matmuls", "chunked", "bfloat16", 1, "lora"),
+    ("medium", 8, 1, 4, 2, 16, 1024, 1, "full", "whole", "bfloat16", 1, "lora"),
+    ("small", 8, 8, 1, 1, 32, 512, 1, "full", "whole", "float32", 1, "lora"),
+    ("medium", 4, 1, 4, 1, 16, 1024, 2, "matmuls", "chunked", "bfloat16", 1, "lora"),
+    ("llama3-8b", 1, 1, 1, 1, 32, 1024, 8, "matmuls", "chunked", "bfloat16", 1, "lora"),  # plan.py --use-lora, h100
+    ("llama3-70b", 8, 1, 8, 1, 32, 1024, 1, "full", "whole", "bfloat16", 1, "lora"),  # the same, flavor 8
 ]
 
 
@@ -75,26 +83,28 @@ def main(argv=None) -> int:
     simulate_devices(max(CASES[i][1] for i in chosen))
     import jax
 
+    from moai_jax.models.lora import LoraConfig
     from moai_jax.planner.memory import estimate_bytes
     from moai_jax.planner.plan import Plan
     from moai_jax.planner.verify import verify
     from moai_jax.sharding.mesh import MeshShape
 
     print(f"{'#':>2} {'model':<10} {'fl':>3} {'mesh s/d/f/t':>12} {'batch':>5} {'seq':>5} {'mb':>3} {'remat':<7} "
-          f"{'loss':<7} {'dtype':<8} {'estimated':>11} {'compiled':>11} {'error':>7}")
+          f"{'loss':<7} {'dtype':<13} {'estimated':>11} {'compiled':>11} {'error':>7}")
     worst, lowest = 0.0, 0.0
     for i in chosen:
-        name, flavor, d, f, t, batch, seq, mb, remat, loss, dtype, *stages = CASES[i]
-        config = model_config(name)
-        mesh = MeshShape(stage=stages[0] if stages else 1, data=d, fsdp=f, tensor=t)
+        name, flavor, d, f, t, batch, seq, mb, remat, loss, dtype, *rest = CASES[i]
+        config, lora = model_config(name), LoraConfig() if rest[1:] == ["lora"] else None
+        mesh = MeshShape(stage=rest[0] if rest else 1, data=d, fsdp=f, tensor=t)
         plan = Plan(flavor=flavor, hardware="cpu", mesh=mesh, batch_size=batch, seq_len=seq, micro_batches=mb,
-                    remat=remat, loss=loss, compute_dtype=dtype)
-        est = estimate_bytes(config, batch, seq, mesh, micro_batches=mb, remat=remat, loss=loss)
+                    remat=remat, loss=loss, compute_dtype=dtype, lora=lora and lora.to_dict())
+        est = estimate_bytes(config, batch, seq, mesh, micro_batches=mb, remat=remat, loss=loss, lora=lora,
+                             base_bytes=jax.numpy.dtype(dtype).itemsize)
         got = verify(plan, config, jax.devices()).bytes_per_device
         err = est["total"] / got - 1
         worst, lowest = max(worst, abs(err)), min(lowest, err)
         print(f"{i:>2} {name:<10} {flavor:>3} {f'{mesh.stage}/{d}/{f}/{t}':>12} {batch:>5} {seq:>5} {mb:>3} {remat:<7} {loss:<7} "
-              f"{dtype:<8} {est['total'] / 2**20:>9.1f}Mi {got / 2**20:>9.1f}Mi {err:>+7.1%}", flush=True)
+              f"{dtype + (' LoRA' if lora else ''):<13} {est['total'] / 2**20:>9.1f}Mi {got / 2**20:>9.1f}Mi {err:>+7.1%}", flush=True)
         if args.terms:
             print("   ", {k: round(v / 2**20, 1) for k, v in est.items()})
     passed = worst <= 0.10 and lowest >= -0.03

@@ -10,7 +10,9 @@
     logits          float32 [tokens, vocab / tensor] logits, their gradient and softmax: whole or one chunk
     gathered        FSDP: one layer's weights (and the head) all-gathered in flight, forward and backward
     temporaries     the optimizer update's transient copies, the batch, compiled code
-    lora dropout    LoRA only: each target's dropped-out input, kept for its adapter's backward (`lora_terms`)
+    lora dropout    LoRA only: each target's dropped-out input kept for backward, or one layer's dropout masks
+    head            LoRA only: the frozen embedding and head in float32 (upcast, or gathered under FSDP)
+    base copy       LoRA only: the layers' 16-bit frozen base bit-copied for the layer loop (`lora_terms`)
     pipeline        under stages: the micro-batches' inputs and outputs of the stages, and their gradients
 
 Under a pipeline (stage > 1) each device holds its stage's layers (and a slice of the vocab-sized
@@ -166,8 +168,9 @@ def estimate_bytes(config: ModelConfig, batch_size: int, seq_len: int, mesh: Mes
         "pipeline": pipeline_buffers(config, batch_size, seq_len, mesh, activation_bytes),
     }
     if lora is not None:
-        terms |= lora_terms(config, lora, mesh, tokens, micro_batches=micro_batches, remat=remat,
-                            base_bytes=base_bytes, activation_bytes=activation_bytes, batch=batch)
+        terms = lora_peak(terms | lora_terms(config, lora, mesh, tokens, micro_batches=micro_batches, remat=remat,
+                                             base_bytes=base_bytes, activation_bytes=activation_bytes, batch=batch),
+                          remat)
     terms = {k: int(v) for k, v in terms.items()}
     terms["total"] = sum(terms.values())
     return terms
@@ -196,29 +199,52 @@ def pipeline_buffers(config: ModelConfig, batch_size: int, seq_len: int, mesh: M
 
 # LoRA: the frozen base has no gradient and no optimizer state, and is gathered (FSDP) without a
 # gradient to reduce-scatter; under remat "none" each target's dropped-out input is kept for its
-# adapter's backward. Fitted like the rest against XLA's compiled memory.
-LORA_GATHER_COPIES = 2.0  # a layer's gathered base weights: forward and backward
-LORA_HEAD_COPIES = 1.45  # the embedding and head gathered in flight (no gradients)
-LORA_DROPOUT_COPIES = 1.15  # per target's input element kept for backward (remat "none", dropout > 0)
+# adapter's backward, under the other policies one layer's dropout masks are drawn at a time. On a
+# backend that computes bfloat16 in float32 (XLA:CPU, where plans are verified) the layers' 16-bit
+# base is bit-copied once per step (models/lora.py, `frozen_as_bits`: the alternative, XLA:CPU
+# converting the stacked base to float32 to slice it, is twice that) and the frozen embedding and
+# head are upcast whole. With no weight gradients the step's peak is either at the loss (logits, the
+# head) or in backward's layers (their working set, dropout masks, gathered weights), never both.
+# Fitted like the rest against XLA's compiled memory (the LoRA cases of memory_model_check.py).
+LORA_SAVED = {"none": 0.96, "matmuls": 1.3, "full": 0.66}  # LoRA's share of full fine-tuning's saved activations
+LORA_SCALES = {"recompute": 1.35, "logits": 0.75, "attention": 2.0}  # likewise, of these terms
+LORA_GATHER_COPIES = 1.0  # a layer's gathered base weights
+LORA_HEAD_COPIES = 2.5  # the embedding and head in float32 while the head runs
+LORA_DROPOUT_COPIES = 1.03  # per target's input element kept for backward (remat "none", dropout > 0)
+LORA_MASK_COPIES = 4.24  # per target's input element of one layer: its dropout mask's random bits (remat matmuls / full)
+
+
+def lora_peak(terms: dict[str, float], remat: str) -> dict[str, float]:
+    """LoRA's terms as they stand at the peak: scaled from full fine-tuning's, and of the loss's side
+    and the layers' side only the larger (the other side's terms are 0)."""
+    terms = terms | {k: v * terms[k] for k, v in LORA_SCALES.items()}
+    terms["activations"] *= LORA_SAVED[remat]
+    loss_side = ("logits", "head")
+    layer_side = ("recompute", "attention", "gathered") + (() if remat == "none" else ("lora dropout",))
+    smaller = min((loss_side, layer_side), key=lambda side: sum(terms[k] for k in side))
+    return terms | {k: 0 for k in smaller}
 
 
 def lora_terms(config: ModelConfig, lora: LoraConfig, mesh: MeshShape, tokens: int, *, micro_batches: int,
                remat: str, base_bytes: int, activation_bytes: int, batch: int) -> dict[str, float]:
     """The terms that LoRA changes: parameters (base in `base_bytes`, float32 adapters), the adapters'
-    gradients and Adam moments, the kept dropout inputs, the base's gathered weights."""
+    gradients and Adam moments, the dropout inputs or masks, the base's gathered weights and bit copy."""
     base = sharded_param_elements(config, mesh) * base_bytes
+    layers = tuple(v for v in param_shapes(config).values() if v[1][:1] == ("layers",))
     adapters = _sharded_elements(tuple(adapter_shapes(config, lora).values()), mesh) * 4
+    inputs = sum(math.prod(in_shape) / (1 if names == ("embed",) else mesh.tensor)
+                 for in_shape, names, _, _ in weight_axes(config, lora.targets).values())
     dropout = 0.0
-    if lora.dropout and remat == "none":
-        inputs = {t: math.prod(in_shape) / (1 if names == ("embed",) else mesh.tensor)
-                  for t, (in_shape, names, _, _) in weight_axes(config, lora.targets).items()}
-        dropout = LORA_DROPOUT_COPIES * config.num_layers * tokens * sum(inputs.values()) * activation_bytes
+    if lora.dropout:
+        dropout = (LORA_DROPOUT_COPIES * config.num_layers * tokens * inputs * activation_bytes if remat == "none"
+                   else LORA_MASK_COPIES * tokens * inputs * 4)
+    head = config.vocab_size * config.hidden_size / mesh.tensor / mesh.stage
+    head = LORA_HEAD_COPIES * head * 4 if base_bytes < 4 or mesh.fsdp > 1 else 0.0  # upcast, or gathered whole
     gathered = 0.0
     if mesh.fsdp > 1:
         layer = layer_param_elements(config) / mesh.tensor
-        head = config.vocab_size * config.hidden_size / mesh.tensor
-        gathered = ((LORA_GATHER_COPIES * layer + LORA_HEAD_COPIES * head) * max(base_bytes, activation_bytes)
-                    * (1 - 1 / mesh.fsdp))
+        gathered = LORA_GATHER_COPIES * layer * max(base_bytes, activation_bytes) * (1 - 1 / mesh.fsdp)
     return {"parameters": base + adapters, "gradients": adapters * (2 if micro_batches > 1 else 1),
-            "optimizer": 2 * adapters, "lora dropout": dropout, "gathered": gathered,
+            "optimizer": 2 * adapters, "lora dropout": dropout, "gathered": gathered, "head": head,
+            "base copy": _sharded_elements(layers, mesh) * base_bytes if base_bytes < 4 else 0.0,
             "temporaries": UPDATE_COPIES * adapters + batch + CODE_BYTES}
