@@ -35,9 +35,9 @@ from moai_jax.models.lora import LoraConfig, adapter_param_count
 from moai_jax.models.lora import flops_per_token as lora_flops_per_token
 from moai_jax.sharding.mesh import MeshShape
 
-PEAK_EFFICIENCY = 0.545  # of peak FLOP/s that large bfloat16 matmuls reach in a training step (fitted: planner/published.py)
-HALF_EFFICIENCY_ROWS = 1024  # matmul rows (tokens per device per micro-batch) at which half of it is lost
-HALF_EFFICIENCY_COLUMNS = 512  # matmul columns per device (a tensor split narrows them) at which half is lost
+PEAK_EFFICIENCY = 0.53  # of peak FLOP/s large bfloat16 matmuls reach in a training step (fitted: planner/published.py)
+HALF_EFFICIENCY_ROWS = 768  # matmul rows (tokens per device per micro-batch) at which half of it is lost
+HALF_EFFICIENCY_COLUMNS = 384  # matmul columns per device (a tensor split narrows them) at which half is lost
 BACKWARD_WEIGHT_SHARE = 1 / 3  # of a step's FLOPs: the weight-gradient matmuls, which need no all-reduce
 OVERLAP = 0.8  # share of compute time that can hide data / fsdp communication
 MICRO_BATCH_OVERHEAD = 0.01  # seconds per micro-batch: loop, gradient accumulation, launch
