@@ -112,18 +112,31 @@ def spec(sharding) -> tuple:
     return parts
 
 
+def full_batch(input_ids: np.ndarray) -> dict[str, np.ndarray]:
+    """A batch with every key the Trainer plans for (one document per row), so each step runs the
+    executable the planner compiled instead of compiling one for fewer keys."""
+    rows, length = input_ids.shape
+    labels = np.full_like(input_ids, -100)
+    labels[:, :-1] = input_ids[:, 1:]
+    return {"input_ids": input_ids, "labels": labels, "segment_ids": np.ones_like(input_ids),
+            "positions": np.broadcast_to(np.arange(length), (rows, length))}
+
+
 def test_same_lora_steps_on_every_mesh_and_resumed_on_another(lora_run, tmp_path):
     out, base, _ = lora_run
     config = ModelConfig(vocab_size=300)
-    batches = [np.random.default_rng(i).integers(0, 300, (8, 32)) for i in range(3)]
+    batches = [full_batch(np.random.default_rng(i).integers(0, 300, (8, 32))) for i in range(3)]
     lora = lora_lib.LoraConfig(r=4, targets=("q", "v", "o", "down"))
-    runs = {}
+    runs, trainers = {}, {}
     for mesh in ("data=1,fsdp=1,tensor=1", "data=8,fsdp=1,tensor=1", "data=1,fsdp=8,tensor=1",
                  "data=2,fsdp=2,tensor=2"):
         flavor = 1 if mesh.startswith("data=1,fsdp=1") else 8
-        trainer = moai.Trainer(lambda: Decoder(config, rngs=nnx.Rngs(3)), adamw(1e-2), 8, 32,
-                               moai.Accelerator(flavor), mesh, micro_batches=1, remat="none", lora=lora)
-        runs[mesh] = [float(trainer.step({"input_ids": b})["loss"]) for b in batches]
+        # built eagerly (a tiny model: no initializer to compile per mesh), but on 2×2×2 built under jit into its shards
+        build = lambda: Decoder(config, rngs=nnx.Rngs(3))  # noqa: E731
+        model = build if mesh == "data=2,fsdp=2,tensor=2" else build()
+        trainer = trainers[mesh] = moai.Trainer(model, adamw(1e-2), 8, 32, moai.Accelerator(flavor), mesh,
+                                                micro_batches=1, remat="none", lora=lora)
+        runs[mesh] = [float(trainer.step(b)["loss"]) for b in batches]
     reference = runs["data=1,fsdp=1,tensor=1"]
     for mesh, run in runs.items():
         np.testing.assert_allclose(run, reference, rtol=1e-5, err_msg=mesh)
@@ -138,21 +151,17 @@ def test_same_lora_steps_on_every_mesh_and_resumed_on_another(lora_run, tmp_path
     saved = Checkpoints(out / "ckpt", writable=False)
     params = saved._manager.item_metadata(50)["params"]
     assert all("lora_" in "/".join(map(str, k)) for k, _ in jax.tree.leaves_with_path(params))
-    def resumable(flavor, mesh, lora):
-        schedule = learning_rate_schedule(1e-2, 50, warmup_steps=0)  # finetune.py's optimizer, so its state fits
-        return moai.Trainer(lambda: Decoder(config, rngs=nnx.Rngs(0)), adamw(schedule), 8, 32, moai.Accelerator(flavor),
-                            mesh, micro_batches=1, remat="none", lora=lora,
-                            params=lambda shardings: load_pretrained(base, shardings=shardings))
-
-    resumed = resumable(8, "data=2,fsdp=4,tensor=1", lora_lib.LoraConfig())
+    schedule = learning_rate_schedule(1e-2, 50, warmup_steps=0)  # finetune.py's optimizer, so its state fits
+    resumed = moai.Trainer(lambda: Decoder(config, rngs=nnx.Rngs(0)), adamw(schedule), 8, 32, moai.Accelerator(8),
+                           "data=2,fsdp=4,tensor=1", micro_batches=1, remat="none", lora=lora_lib.LoraConfig(),
+                           params=lambda shardings: load_pretrained(base, shardings=shardings))
     saved.restore(resumed)
     trained = lora_run[2]
     np.testing.assert_array_equal(jax.device_get(resumed.state.params["layers"]["mlp"]["lora_up"]["b"]),
                                   jax.device_get(trained.state.params["layers"]["mlp"]["lora_up"]["b"]))
-    assert resumed.evaluate([{"input_ids": batches[0]}]) == pytest.approx(
-        trained.evaluate([{"input_ids": batches[0]}]), rel=1e-5)
-    with pytest.raises(moai.CheckpointError, match="resume with the LoRA options"):
-        saved.restore(resumable(1, None, lora))
+    assert resumed.evaluate(batches[:1]) == pytest.approx(trained.evaluate(batches[:1]), rel=1e-5)
+    with pytest.raises(moai.CheckpointError, match="resume with the LoRA options"):  # r 4 on q,v,o,down: refused
+        saved.restore(trainers["data=1,fsdp=1,tensor=1"])
     saved.close()
 
 
