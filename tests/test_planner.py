@@ -70,11 +70,11 @@ def test_no_plan_fits_names_smallest_flavor():
     (ModelConfig(), MeshShape(fsdp=8), 16, 128, 2, "full"),
     (SMALL, MeshShape(data=2, fsdp=2, tensor=2), 16, 256, 1, "matmuls"),
 ])
-def test_memory_estimate_within_15_percent(config, mesh, batch, seq, mb, remat):
+def test_memory_estimate_within_10_percent_and_never_3_percent_under(config, mesh, batch, seq, mb, remat):
     p = Plan(flavor=8, hardware="cpu", mesh=mesh, batch_size=batch, seq_len=seq, micro_batches=mb, remat=remat)
     compiled = verify(p, config, jax.devices()).bytes_per_device
     estimated = estimate_bytes(config, batch, seq, mesh, micro_batches=mb, remat=remat)["total"]
-    assert abs(estimated / compiled - 1) <= 0.15, (estimated, compiled)
+    assert -0.03 <= estimated / compiled - 1 <= 0.10, (estimated, compiled)
 
 
 @pytest.mark.parametrize("config, batch", [(ModelConfig(), 64), (SMALL, 32)])

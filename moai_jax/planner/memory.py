@@ -36,20 +36,21 @@ from moai_jax.sharding.rules import partition_spec
 from moai_jax.train import LOSS_CHUNK
 
 # Elements per token and layer kept for backward, by remat policy: (E, F, Q, KV) coefficients.
-SAVED = {"none": (10.5, 2.7, 5.06, 12.0), "matmuls": (4.52, 1.0, 1.0, 1.0), "full": (1.3, 0.0, 0.0, 0.0)}
+SAVED = {"none": (10.4, 4.88, 2.53, 6.0), "matmuls": (5.8, 0.5, 0.5, 0.5), "full": (1.3, 0.0, 0.0, 0.0)}
 # One layer recomputed in backward (matmuls / full): its forward intermediates and their gradients.
-RECOMPUTE = (5.75, 1.2, 0.95, 1.35)
-LOGIT_COPIES = 3.13  # float32 logits, softmax, gradient of the logits
-GATHER_COPIES = 1.4  # a layer's gathered weights: forward, backward, gradient before reduce-scatter
+RECOMPUTE = (2.88, 2.4, 1.9, 0.675)
+LOGIT_COPIES = 2.24  # float32 logits, softmax, gradient of the logits
+GATHER_COPIES = 1.03  # a layer's gathered weights: forward, backward, gradient before reduce-scatter
 # Vocab-sized tables gathered in flight: the embedding and the head, and their gradients (which the
 # micro-batch loop keeps alive longer).
-HEAD_COPIES = {"one batch": 1.98, "micro-batches": 3.85}
-UPDATE_COPIES = 0.02  # transient parameter-sized buffers of the optimizer update
+HEAD_COPIES = {"one batch": 2.23, "micro-batches": 4.33}
+UPDATE_COPIES = 0.04  # transient parameter-sized buffers of the optimizer update
 ATTENTION_BLOCK = 128  # the blockwise attention's key block
-ATTENTION_COPIES = 2.59  # float32 [rows, heads, length, block] scores, probabilities and their gradient
+ATTENTION_COPIES = 3.28  # float32 [rows, heads, length, block] scores, probabilities and their gradient
 CODE_BYTES = 0
-PIPELINE_LOGIT_COPIES = 1.0  # a pipeline's head runs once on the whole batch: whole float32 logits, fused with their gradient
-PIPELINE_COPIES = 2.0  # [batch, length, embed] buffers of a pipeline: stage inputs and outputs (or their gradients)
+# A pipeline's head runs once on the whole batch: whole float32 logits (fused with their gradient), or a chunk's
+PIPELINE_LOGIT_COPIES = {"whole": 0.873, "chunked": 1.64}
+PIPELINE_COPIES = 4.0  # [batch, length, embed] buffers of a pipeline: stage inputs and outputs (or their gradients)
 
 
 def param_shapes(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
@@ -145,7 +146,7 @@ def estimate_bytes(config: ModelConfig, batch_size: int, seq_len: int, mesh: Mes
     logit_positions = head_rows * (min(LOSS_CHUNK, seq_len) if loss == "chunked" else seq_len)
     vocab_split = mesh.tensor * mesh.stage
     vocab = config.vocab_size // vocab_split if config.vocab_size % vocab_split == 0 else config.vocab_size
-    copies = PIPELINE_LOGIT_COPIES if mesh.stage > 1 and loss == "whole" else LOGIT_COPIES
+    copies = PIPELINE_LOGIT_COPIES[loss] if mesh.stage > 1 else LOGIT_COPIES
     logits = logit_positions * vocab * 4 * copies
     heads = config.num_heads // mesh.tensor if config.num_heads % mesh.tensor == 0 else config.num_heads
     attention = ATTENTION_COPIES * rows * heads * seq_len * min(ATTENTION_BLOCK, seq_len) * 4
@@ -206,12 +207,12 @@ def pipeline_buffers(config: ModelConfig, batch_size: int, seq_len: int, mesh: M
 # head are upcast whole. With no weight gradients the step's peak is either at the loss (logits, the
 # head) or in backward's layers (their working set, dropout masks, gathered weights), never both.
 # Fitted like the rest against XLA's compiled memory (the LoRA cases of memory_model_check.py).
-LORA_SAVED = {"none": 0.96, "matmuls": 1.3, "full": 0.66}  # LoRA's share of full fine-tuning's saved activations
-LORA_SCALES = {"recompute": 1.35, "logits": 0.75, "attention": 2.0}  # likewise, of these terms
-LORA_GATHER_COPIES = 1.0  # a layer's gathered base weights
-LORA_HEAD_COPIES = 2.5  # the embedding and head in float32 while the head runs
-LORA_DROPOUT_COPIES = 1.03  # per target's input element kept for backward (remat "none", dropout > 0)
-LORA_MASK_COPIES = 4.24  # per target's input element of one layer: its dropout mask's random bits (remat matmuls / full)
+LORA_SAVED = {"none": 1.02, "matmuls": 1.52, "full": 0.79}  # LoRA's share of full fine-tuning's saved activations
+LORA_SCALES = {"recompute": 1.7, "logits": 0.51, "attention": 0.94}  # likewise, of these terms
+LORA_GATHER_COPIES = 1.07  # a layer's gathered base weights
+LORA_HEAD_COPIES = 1.8  # the embedding and head in float32 while the head runs
+LORA_DROPOUT_COPIES = 0.86  # per target's input element kept for backward (remat "none", dropout > 0)
+LORA_MASK_COPIES = 4.44  # per target's input element of one layer: its dropout mask's random bits (remat matmuls / full)
 
 
 def lora_peak(terms: dict[str, float], remat: str) -> dict[str, float]:
