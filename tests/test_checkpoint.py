@@ -21,6 +21,9 @@ from flax import nnx
 from moai_jax.checkpoint import Checkpoints, load_model
 from moai_jax.models import ModelConfig
 
+# one xdist worker runs these tests (--dist loadgroup): they share the straight run's checkpoints
+pytestmark = pytest.mark.xdist_group("checkpoint")
+
 ROOT = Path(__file__).resolve().parents[1]
 FINETUNE = ROOT / "scripts" / "finetune.py"
 RUN = ["--batch-size", "8", "--block-size", "32", "--max-steps", "20"]

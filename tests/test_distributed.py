@@ -19,6 +19,9 @@ from flax import nnx
 from moai_jax import distributed
 from moai_jax.checkpoint import load_model
 
+# one xdist worker runs these tests (--dist loadgroup): they share each mesh's one- and two-process runs
+pytestmark = pytest.mark.xdist_group("distributed")
+
 ROOT = Path(__file__).resolve().parents[1]
 FINETUNE = ROOT / "scripts" / "finetune.py"
 RUN = ["--batch-size", "8", "--block-size", "32", "--max-steps", "10", "--save-steps", "5"]

@@ -18,6 +18,9 @@ from moai_jax.models import Decoder, ModelConfig, flops_per_token, load_pretrain
 from moai_jax.models import lora as lora_lib
 from moai_jax.optimizer import adamw, learning_rate_schedule
 
+# one xdist worker runs these tests (--dist loadgroup): they share the 50-step LoRA run
+pytestmark = pytest.mark.xdist_group("lora")
+
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ["--batch-size", "8", "--block-size", "32", "--seed", "0", "--lr", "1e-2", "--warmup-steps", "0"]
 

@@ -25,6 +25,9 @@ from moai_jax.step import pipeline_micro_batches
 from moai_jax.train import IGNORE, cross_entropy_sum
 from moai_jax.trainer import Trainer
 
+# one xdist worker runs these tests (--dist loadgroup): they share the cached no-pipeline reference
+pytestmark = pytest.mark.xdist_group("pipeline")
+
 # tiny, with 4 layers so that 4 stages divide them and 4 key/value heads so that tensor=2 divides them
 CONFIG = dataclasses.replace(ModelConfig.preset("tiny"), num_layers=4, num_heads=8, num_kv_heads=4, head_dim=8)
 BATCH, SEQ = 16, 32

@@ -17,6 +17,9 @@ import moai_jax as moai
 from moai_jax.sharding.infer import MIN_SHARDED_ELEMENTS
 from moai_jax.sharding.mesh import MeshShape
 
+# one xdist worker runs these tests (--dist loadgroup): they share the cached one-device reference runs
+pytestmark = pytest.mark.xdist_group("user_models")
+
 BATCH, SEQ, STEPS = 16, 32, 10
 
 
