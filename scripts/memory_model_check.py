@@ -55,6 +55,7 @@ CASES = [
     ("llama3-8b", 1, 1, 1, 1, 32, 1024, 8, "matmuls", "chunked", "bfloat16", 1, "lora"),  # plan.py --use-lora, h100
     ("llama3-70b", 8, 1, 8, 1, 32, 1024, 1, "full", "whole", "bfloat16", 1, "lora"),  # the same, flavor 8
     ("small", 8, 2, 2, 2, 16, 256, 1, "matmuls", "whole", "float32"),  # tests/test_planner.py's
+    ("llama3-8b", 8, 1, 8, 1, 32, 1024, 1, "matmuls", "whole", "bfloat16"),  # plan.py's full fine-tuning, h100
 ]
 
 
