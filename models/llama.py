@@ -22,6 +22,7 @@ from moai_jax.models import attention as attention_lib
 from moai_jax.models import kv_cache
 from moai_jax.models import lora
 from moai_jax.models.config import ModelConfig
+from moai_jax.models.dense import dense
 from moai_jax.models.families import ACTIVATIONS
 from moai_jax.models.pipeline import pipelined_layers
 from moai_jax.sharding.annotate import constrain
@@ -113,7 +114,7 @@ class Attention(nnx.Module):
         self.attention_bias, self.dtype, self.config = config.attention_bias, dtype, config
 
     def _project(self, x_BTE, weight, bias, heads: str, name: str):
-        y_BTNH = jnp.einsum("bte,enh->btnh", x_BTE, weight[...].astype(self.dtype))
+        y_BTNH = dense(x_BTE, weight[...].astype(self.dtype))
         y_BTNH = lora.adapt(self, name, x_BTE, y_BTNH)
         if self.attention_bias:
             y_BTNH = y_BTNH + bias[...].astype(self.dtype)
@@ -139,7 +140,7 @@ class Attention(nnx.Module):
             out_BTNH = attention_lib.attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, implementation=implementation,
                                                **variants)
         out_BTNH = constrain(out_BTNH, ("batch", "length", "heads", "head_dim"))
-        y_BTE = jnp.einsum("btnh,nhe->bte", out_BTNH, self.o_proj[...].astype(self.dtype))
+        y_BTE = dense(out_BTNH, self.o_proj[...].astype(self.dtype), 2)
         y_BTE = lora.adapt(self, "out", out_BTNH, y_BTE)
         if c.family.output_bias:
             y_BTE = y_BTE + self.o_bias[...].astype(self.dtype)
@@ -163,15 +164,16 @@ class MLP(nnx.Module):
         self.dtype, self.activation = dtype, ACTIVATIONS[config.hidden_act]
 
     def __call__(self, x_BTE):
-        up_BTF = checkpoint_name(lora.adapt(self, "up", x_BTE, x_BTE @ self.up_proj[...].astype(self.dtype)), "up")
+        up_BTF = checkpoint_name(
+            lora.adapt(self, "up", x_BTE, dense(x_BTE, self.up_proj[...].astype(self.dtype))), "up")
         if self.gated:
             gate_BTF = checkpoint_name(
-                lora.adapt(self, "gate", x_BTE, x_BTE @ self.gate_proj[...].astype(self.dtype)), "gate")
+                lora.adapt(self, "gate", x_BTE, dense(x_BTE, self.gate_proj[...].astype(self.dtype))), "gate")
             h_BTF = self.activation(gate_BTF) * up_BTF
         else:
             h_BTF = self.activation(up_BTF + self.up_bias[...].astype(self.dtype))
         h_BTF = constrain(h_BTF, ("batch", "length", "mlp"))
-        y_BTE = checkpoint_name(lora.adapt(self, "down", h_BTF, h_BTF @ self.down_proj[...].astype(self.dtype)),
+        y_BTE = checkpoint_name(lora.adapt(self, "down", h_BTF, dense(h_BTF, self.down_proj[...].astype(self.dtype))),
                                 "down")
         return y_BTE if self.gated else y_BTE + self.down_bias[...].astype(self.dtype)
 
