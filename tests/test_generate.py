@@ -101,8 +101,8 @@ def answers(stdout: str, count: int) -> list[list[str]]:
 def checkpoint(tmp_path_factory):
     """A training checkpoint of the tiny preset (random weights, no step taken) and the model it holds."""
     plan = Plan(flavor=1, hardware="cpu", mesh=MeshShape(), batch_size=8, seq_len=32)
-    trainer = Trainer(lambda: Decoder(ModelConfig.preset("tiny"), rngs=nnx.Rngs(0)), optax.sgd(0.1), 8, 32,
-                      Accelerator(1), plan=plan)
+    trainer = Trainer(Decoder(ModelConfig.preset("tiny"), rngs=nnx.Rngs(0)), optax.sgd(0.1), 8, 32, Accelerator(1),
+                      plan=plan)
     path = tmp_path_factory.mktemp("ckpt")
     with Checkpoints(path) as checkpoints:
         checkpoints.save(trainer, 1, run={"model_name_or_path": "tiny"})

@@ -70,7 +70,7 @@ def test_checkpoints_move_between_stage_counts(tmp_path):
     pipeline's with remat full, which recomputes whole stages). XLA's own account of the compiled steps:
     the arguments per device (parameters, Adam moments, batch), less the batch, fall by the stage count."""
     batches = make_batches(4, 8, SEQ, seed=1)
-    trainers = {mesh: Trainer(lambda: Decoder(CONFIG, rngs=nnx.Rngs(0), attention="xla"), adamw(1e-3), 8, SEQ,
+    trainers = {mesh: Trainer(Decoder(CONFIG, rngs=nnx.Rngs(0), attention="xla"), adamw(1e-3), 8, SEQ,  # built eagerly
                               Accelerator(8), mesh, micro_batches=micro_batches, remat=remat)
                 for mesh, micro_batches, remat in (("stage=4,data=2", 4, "full"), ("data=8", 1, "none"))}
     state_bytes = {}
