@@ -1,6 +1,6 @@
 """Memory model accuracy: estimated vs XLA-compiled bytes per device, tiny to 70B, flavors 1 to 64.
 
-    python scripts/memory_model_check.py            # every case (several minutes on 2 cores)
+    python scripts/memory_model_check.py            # every case (about 15 minutes on 2 busy cores)
     python scripts/memory_model_check.py --quick    # the first few
     python scripts/memory_model_check.py --cases 0,5,21
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-# (model, flavor, data, fsdp, tensor, batch, seq, micro_batches, remat, loss, compute dtype[, pipeline stages[, "lora"]])
+# (model, flavor, data, fsdp, tensor, batch, seq, micro_batches, remat, loss, compute dtype[, stages[, "lora"]])
 CASES = [
     ("tiny", 1, 1, 1, 1, 8, 128, 1, "none", "whole", "float32"),
     ("tiny", 8, 8, 1, 1, 16, 128, 1, "none", "whole", "float32"),
@@ -52,7 +52,7 @@ CASES = [
     ("medium", 8, 1, 4, 2, 16, 1024, 1, "full", "whole", "bfloat16", 1, "lora"),
     ("small", 8, 8, 1, 1, 32, 512, 1, "full", "whole", "float32", 1, "lora"),
     ("medium", 4, 1, 4, 1, 16, 1024, 2, "matmuls", "chunked", "bfloat16", 1, "lora"),
-    ("llama3-8b", 1, 1, 1, 1, 32, 1024, 8, "matmuls", "chunked", "bfloat16", 1, "lora"),  # plan.py --use-lora, h100
+    ("llama3-8b", 1, 1, 1, 1, 32, 1024, 8, "matmuls", "chunked", "bfloat16", 1, "lora"),  # plan.py --use-lora's, h100
     ("llama3-70b", 8, 1, 8, 1, 32, 1024, 1, "full", "whole", "bfloat16", 1, "lora"),  # the same, flavor 8
     ("small", 8, 2, 2, 2, 16, 256, 1, "matmuls", "whole", "float32"),  # tests/test_planner.py's
     ("llama3-8b", 8, 1, 8, 1, 32, 1024, 1, "matmuls", "whole", "bfloat16"),  # plan.py's full fine-tuning, h100
@@ -105,8 +105,9 @@ def main(argv=None) -> int:
         got = verify(plan, config, jax.devices()).bytes_per_device
         err = est["total"] / got - 1
         worst, lowest = max(worst, abs(err)), min(lowest, err)
-        print(f"{i:>2} {name:<10} {flavor:>3} {f'{mesh.stage}/{d}/{f}/{t}':>12} {batch:>5} {seq:>5} {mb:>3} {remat:<7} {loss:<7} "
-              f"{dtype + (' LoRA' if lora else ''):<13} {est['total'] / 2**20:>10.2f}Mi {got / 2**20:>10.2f}Mi {err:>+7.1%}", flush=True)
+        mode = dtype + (" LoRA" if lora else "")
+        print(f"{i:>2} {name:<10} {flavor:>3} {f'{mesh.stage}/{d}/{f}/{t}':>12} {batch:>5} {seq:>5} {mb:>3} {remat:<7} "
+              f"{loss:<7} {mode:<13} {est['total'] / 2**20:>10.2f}Mi {got / 2**20:>10.2f}Mi {err:>+7.1%}", flush=True)
         if args.terms:
             print("   ", {k: round(v / 2**20, 1) for k, v in est.items()})
     passed = worst <= 0.10 and lowest >= -0.03

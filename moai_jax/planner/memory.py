@@ -212,7 +212,7 @@ LORA_SCALES = {"recompute": 0.574, "logits": 0.429, "attention": 1.49}  # likewi
 LORA_GATHER_COPIES = 0.5  # a layer's gathered base weights
 LORA_HEAD_COPIES = 1.24  # the embedding and head in float32 while the head runs
 LORA_DROPOUT_COPIES = 0.564  # per target's input element kept for backward (remat "none", dropout > 0)
-LORA_MASK_COPIES = 4.68  # per target's input element of one layer: its dropout mask's random bits (remat matmuls / full)
+LORA_MASK_COPIES = 4.68  # per target's input element of one layer: its dropout mask's random bits (remat on)
 
 
 def lora_peak(terms: dict[str, float], remat: str) -> dict[str, float]:
