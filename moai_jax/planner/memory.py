@@ -36,21 +36,21 @@ from moai_jax.sharding.rules import partition_spec
 from moai_jax.train import LOSS_CHUNK
 
 # Elements per token and layer kept for backward, by remat policy: (E, F, Q, KV) coefficients.
-SAVED = {"none": (10.4, 6.13, 0.843, 2.0), "matmuls": (4.06, 1.5, 1.5, 0.662), "full": (1.32, 0.0, 0.0, 0.0)}
+SAVED = {"none": (12.2, 5.47, 1.26, 3.0), "matmuls": (3.3, 1.84, 1.0, 0.441), "full": (1.31, 0.0, 0.0, 0.0)}
 # One layer recomputed in backward (matmuls / full): its forward intermediates and their gradients.
-RECOMPUTE = (2.47, 0.8, 4.2, 2.03)
-LOGIT_COPIES = 1.84  # float32 logits, softmax, gradient of the logits
-GATHER_COPIES = 0.343  # a layer's gathered weights: forward, backward, gradient before reduce-scatter
+RECOMPUTE = (3.71, 0.533, 2.8, 2.05)
+LOGIT_COPIES = 1.81  # float32 logits, softmax, gradient of the logits
+GATHER_COPIES = 0.229  # a layer's gathered weights: forward, backward, gradient before reduce-scatter
 # Vocab-sized tables gathered in flight: the embedding and the head, and their gradients (which the
 # micro-batch loop keeps alive longer).
-HEAD_COPIES = {"one batch": 3.01, "micro-batches": 4.82}
-UPDATE_COPIES = 0.0133  # transient parameter-sized buffers of the optimizer update
+HEAD_COPIES = {"one batch": 3.33, "micro-batches": 4.91}
+UPDATE_COPIES = 0.00887  # transient parameter-sized buffers of the optimizer update
 ATTENTION_BLOCK = 128  # the blockwise attention's key block
-ATTENTION_COPIES = 3.79  # float32 [rows, heads, length, block] scores, probabilities and their gradient
+ATTENTION_COPIES = 3.36  # float32 [rows, heads, length, block] scores, probabilities and their gradient
 CODE_BYTES = 0
 # A pipeline's head runs once on the whole batch: whole float32 logits (fused with their gradient), or a chunk's
-PIPELINE_LOGIT_COPIES = {"whole": 0.291, "chunked": 0.945}
-PIPELINE_COPIES = 6.04  # [batch, length, embed] buffers of a pipeline: stage inputs and outputs (or their gradients)
+PIPELINE_LOGIT_COPIES = {"whole": 0.194, "chunked": 0.951}
+PIPELINE_COPIES = 6.29  # [batch, length, embed] buffers of a pipeline: stage inputs and outputs (or their gradients)
 
 
 def param_shapes(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
@@ -207,12 +207,12 @@ def pipeline_buffers(config: ModelConfig, batch_size: int, seq_len: int, mesh: M
 # head are upcast whole. With no weight gradients the step's peak is either at the loss (logits, the
 # head) or in backward's layers (their working set, dropout masks, gathered weights), never both.
 # Fitted like the rest against XLA's compiled memory (the LoRA cases of memory_model_check.py).
-LORA_SAVED = {"none": 1.03, "matmuls": 1.32, "full": 1.29}  # LoRA's share of full fine-tuning's saved activations
-LORA_SCALES = {"recompute": 0.574, "logits": 0.429, "attention": 1.49}  # likewise, of these terms
-LORA_GATHER_COPIES = 0.5  # a layer's gathered base weights
-LORA_HEAD_COPIES = 1.24  # the embedding and head in float32 while the head runs
-LORA_DROPOUT_COPIES = 0.564  # per target's input element kept for backward (remat "none", dropout > 0)
-LORA_MASK_COPIES = 4.68  # per target's input element of one layer: its dropout mask's random bits (remat on)
+LORA_SAVED = {"none": 0.942, "matmuls": 1.36, "full": 1.2}  # LoRA's share of full fine-tuning's saved activations
+LORA_SCALES = {"recompute": 1.77, "logits": 0.614, "attention": 1.5}  # likewise, of these terms
+LORA_GATHER_COPIES = 0.524  # a layer's gathered base weights
+LORA_HEAD_COPIES = 1.46  # the embedding and head in float32 while the head runs
+LORA_DROPOUT_COPIES = 0.911  # per target's input element kept for backward (remat "none", dropout > 0)
+LORA_MASK_COPIES = 3.84  # per target's input element of one layer: its dropout mask's random bits (remat on)
 
 
 def lora_peak(terms: dict[str, float], remat: str) -> dict[str, float]:
