@@ -77,7 +77,8 @@ def init_state(parts: StepParts, model, optimizer: optax.GradientTransformation,
         params, rest = split(loaded) if isinstance(loaded, nnx.Module) else (loaded, {})
         params, rest = jax.device_put((params, rest), shardings)
     elif isinstance(model, nnx.Module):
-        params, rest = jax.device_put(split(model), shardings)
+        # Copies: the step donates its state, and device_put may hand a device's shard the model's own buffer.
+        params, rest = jax.device_put(jax.tree.map(jnp.copy, split(model)), shardings)
     else:
         params, rest = jax.jit(lambda: split(model()), out_shardings=shardings)()
     opt_state = jax.jit(optimizer.init, out_shardings=parts.state_shardings.opt_state)(params)

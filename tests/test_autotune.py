@@ -23,7 +23,9 @@ def test_autotune_runs_the_fastest_measured_candidate_and_reuses_the_cache(tmp_p
     timed = autotune.time_steps
     monkeypatch.setattr(autotune, "time_steps", lambda run, steps=1: calls.append(1) or timed(run, steps))
 
-    first = tiny_trainer(accelerator)
+    built = Decoder(TINY, rngs=nnx.Rngs(0))  # a built model: every candidate is timed on copies of its arrays
+    first = moai.Trainer(built, adamw(1e-3), 16, 32, accelerator, autotune=2)
+    assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(nnx.state(built)))
     candidates = autotune.candidate_plans(TINY, 16, 32, accelerator, 2, compute_dtype="float32")
     cache = autotune._read(tmp_path / "autotune.json")
     measured = cache[autotune.shape_key(TINY, first.plan)]
