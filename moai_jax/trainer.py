@@ -51,11 +51,9 @@ def next_token_labels(input_ids: np.ndarray) -> np.ndarray:
 
 
 def fixed_axes(mesh: MeshShape | str | None) -> tuple[MeshShape | None, dict[str, int]]:
-    """The mesh a user fixed (a string fixes all four axes) and its axes as the planner's knobs."""
+    """The mesh a user fixed (a string fixes all six axes) and its axes as the planner's knobs."""
     shape = MeshShape.parse(mesh) if isinstance(mesh, str) else mesh
-    axes = {} if shape is None else {"stage": shape.stage, "data": shape.data, "fsdp": shape.fsdp,
-                                     "tensor": shape.tensor}
-    return shape, axes
+    return shape, {} if shape is None else shape.sizes()
 
 
 def init_state(parts: StepParts, model, optimizer: optax.GradientTransformation,
@@ -117,7 +115,8 @@ class Trainer:
         check_mesh(self.plan.mesh, accelerator.flavor, batch_size=batch_size, micro_batches=self.plan.micro_batches,
                    num_heads=getattr(self.config, "num_heads", None),
                    num_kv_heads=getattr(self.config, "num_kv_heads", None),
-                   num_layers=getattr(self.config, "num_layers", None))
+                   num_layers=getattr(self.config, "num_layers", None),
+                   num_experts=getattr(self.config, "num_experts", None), seq_len=self.seq_len)
         self.mesh = make_mesh(self.plan.mesh, accelerator.devices)
         if layout(self.plan) in verified:  # the planner compiled this very step: run that executable
             parts, compiled, measured = verified[layout(self.plan)]

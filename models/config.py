@@ -60,6 +60,7 @@ class ModelConfig:
     attn_logit_softcapping: float | None = None  # Gemma 2: scores → cap · tanh(scores / cap)
     final_logit_softcapping: float | None = None  # Gemma 2: logits → cap · tanh(logits / cap)
     alibi: bool = False  # Baichuan 2 13B: ALiBi attention biases instead of rotary positions
+    num_experts: int = 0  # experts per Mixture-of-Experts layer (0: a dense model)
 
     def __post_init__(self) -> None:
         if self.model_type not in ARCHITECTURES:

@@ -2,9 +2,11 @@
 
 Model code names its dimensions with the logical vocabulary below and never a mesh axis. One table
 maps each logical name to the mesh axes it may be split over. Walking a tensor's names left to
-right, a mesh axis is used at most once, so `batch` takes `data` and `fsdp` for activations while a
-parameter's `embed` takes `fsdp`; stacked layers split over `stage` into the pipeline's stages. An axis of size 1, or one that does not divide the dimension,
-is left out, so the table holds for every mesh.
+right, a mesh axis is used at most once, so `batch` takes `data`, `fsdp` and `expert` for activations
+while a parameter's `embed` takes `fsdp` (and `expert` and `context`, so their devices hold no extra
+copies; an expert's weights give `expert` to their `experts` dimension first); stacked layers split
+over `stage` into the pipeline's stages. An axis of size 1, or one that does not divide the
+dimension, is left out, so the table holds for every mesh.
 """
 
 from __future__ import annotations
@@ -15,13 +17,16 @@ from collections.abc import Mapping, Sequence
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
-LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers")
-MESH_AXES = ("stage", "data", "fsdp", "tensor")
+from moai_jax.sharding.mesh import AXES
+
+LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers", "experts")
+MESH_AXES = AXES
 
 DEFAULT_RULES: dict[str, tuple[str, ...]] = {
-    "batch": ("data", "fsdp"),
-    "length": (),
-    "embed": ("fsdp",),
+    "batch": ("data", "fsdp", "expert"),  # outside MoE layers the expert axis's devices split the batch too
+    "length": ("context",),  # per-token work needs no communication; attention gathers or rings keys/values
+    "embed": ("fsdp", "expert", "context"),  # parameters are sharded over every axis that splits activations
+    "experts": ("expert",),
     "heads": ("tensor",),
     "kv_heads": ("tensor",),
     "head_dim": (),

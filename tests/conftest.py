@@ -1,15 +1,20 @@
-"""Every test sees 8 CPU devices, set before JAX starts; shared fixtures."""
+"""Every test sees 8 CPU devices, set before JAX starts; one compilation cache; shared fixtures."""
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the whole suite: both xdist workers and every subprocess (they inherit
+# this environment) reuse what another compiled. JAX keys each entry by the program's HLO, the compile options,
+# the XLA flags, the backend and the jax/jaxlib versions, so a stale entry is never used.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".cache" / "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
-
-from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 

@@ -54,7 +54,7 @@ def test_default_main_job_learns(tmp_path):
     (["--flavor", "-2"], "flavor must be at least 1"),
     (["--flavor", "eight"], "flavor must be a whole number"),
     (["--flavor", "8", "--mesh", "data=2,fsdp=2"], "choose axes whose product is 8"),
-    (["--flavor", "8", "--batch-size", "12", "--mesh", "data=8"], "multiple of 8"),
+    (["--flavor", "8", "--batch-size", "12", "--mesh", "data=8"], "the nearest batch sizes that can are 8 or 16"),
     (["--flavor", "8", "--mesh", "tensor=8"], "choose tensor from"),
     (["--flavor", "1", "--model-name-or-path", "llama9-1t"], "llama3-8b"),
     (["--flavor", "1", "--batch-size", "0"], "--batch-size must be at least 1"),

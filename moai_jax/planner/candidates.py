@@ -1,15 +1,17 @@
 """Candidates: every way to lay one step over the flavor, honoring the knobs the user fixed.
 
-stage × data × fsdp × tensor = flavor (stages dividing the layers; tensor inside one host and
-dividing the key/value heads), × remat (none / matmuls / full), × micro-batches (dividing the batch
-so every micro-batch splits evenly over data × fsdp; at least one per stage under a pipeline),
+stage × data × fsdp × expert × context × tensor = flavor (stages dividing the layers; expert dividing
+a MoE model's experts; context splitting each sequence into 2 × context chunks, only when fixed; tensor
+inside one host and dividing the key/value heads), × remat (none / matmuls / full), × micro-batches (dividing the batch
+so every micro-batch splits evenly over data × fsdp × expert; at least one per stage under a pipeline),
 × loss (whole logits, or chunked over the sequence).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+import math
+from collections.abc import Callable, Iterator
 
 from moai_jax.errors import FlavorError
 from moai_jax.models import ModelConfig
@@ -31,6 +33,8 @@ class Fixed:
     remat: str | None = None
     loss: str | None = None
     stage: int | None = None
+    expert: int | None = None
+    context: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +48,7 @@ class Candidate:
     def key(self) -> tuple:
         """A total order, so ties are broken the same way every time."""
         m = self.mesh
-        return (m.stage, m.data, m.fsdp, m.tensor, self.micro_batches, self.remat, self.loss)
+        return (*m.sizes().values(), self.micro_batches, self.remat, self.loss)
 
     def describe(self) -> str:
         return f"mesh {self.mesh}, {self.micro_batches} micro-batch(es), remat {self.remat}, loss {self.loss}"
@@ -53,7 +57,7 @@ class Candidate:
 def check_fixed(fixed: Fixed, flavor: int, config: ModelConfig, batch_size: int, seq_len: int,
                 devices_per_host: int) -> None:
     """A FlavorError naming the knob to change when the fixed knobs cannot work together."""
-    for name in ("stage", "data", "fsdp", "tensor", "micro_batches"):
+    for name in (*MESH_AXES, "micro_batches"):
         value = getattr(fixed, name)
         if value is not None and (not isinstance(value, int) or value < 1):
             raise FlavorError(f"{name}={value!r}: give a whole number >= 1, or leave it automatic")
@@ -74,6 +78,16 @@ def check_fixed(fixed: Fixed, flavor: int, config: ModelConfig, batch_size: int,
     if fixed.stage is not None and config.num_layers % fixed.stage:
         raise FlavorError(f"stage={fixed.stage} does not divide the model's {config.num_layers} layers; "
                           f"choose stage from {divisors(config.num_layers)}")
+    if fixed.expert not in (None, 1) and not config.num_experts:
+        raise FlavorError(f"expert={fixed.expert} splits the experts of Mixture-of-Experts layers, which "
+                          f"{config.model_type} has none of; use expert=1")
+    if fixed.expert is not None and config.num_experts and config.num_experts % fixed.expert:
+        raise FlavorError(f"expert={fixed.expert} does not divide the model's {config.num_experts} experts; "
+                          f"choose expert from {divisors(config.num_experts)}")
+    if fixed.context is not None and seq_len % (2 * fixed.context):
+        raise FlavorError(f"context={fixed.context} splits each sequence into 2 × {fixed.context} chunks, which the "
+                          f"block size {seq_len} does not divide; use a block size that is a multiple of "
+                          f"{2 * fixed.context}")
     if fixed.tensor is not None:
         if config.num_kv_heads % fixed.tensor or config.num_heads % fixed.tensor:
             raise FlavorError(f"tensor={fixed.tensor} does not divide the model's {config.num_kv_heads} key/value "
@@ -90,19 +104,25 @@ def check_fixed(fixed: Fixed, flavor: int, config: ModelConfig, batch_size: int,
 
 
 def meshes(flavor: int, config: ModelConfig, devices_per_host: int, fixed: Fixed = Fixed()) -> Iterator[MeshShape]:
-    """Every stage × data × fsdp × tensor = flavor allowed by the model, the hosts and the fixed axes."""
+    """Every stage × data × fsdp × expert × context × tensor = flavor allowed by the model, the hosts and
+    the fixed axes."""
+    contexts = [fixed.context or 1]
     for tensor in divisors(flavor):
         if config.num_kv_heads % tensor or config.num_heads % tensor:
             continue
         if tensor > 1 and (tensor > devices_per_host or devices_per_host % tensor) and flavor > devices_per_host:
             continue
-        for stage in divisors(flavor // tensor):
-            if config.num_layers % stage:
-                continue
-            for fsdp in divisors(flavor // tensor // stage):
-                mesh = MeshShape(stage=stage, data=flavor // tensor // stage // fsdp, fsdp=fsdp, tensor=tensor)
-                if all(getattr(fixed, a) in (None, getattr(mesh, a)) for a in MESH_AXES):
-                    yield mesh
+        for context in (c for c in contexts if (flavor // tensor) % c == 0):
+            for expert in divisors(math.gcd(flavor // tensor // context, config.num_experts or 1)):
+                rest = flavor // tensor // context // expert
+                for stage in divisors(rest):
+                    if config.num_layers % stage:
+                        continue
+                    for fsdp in divisors(rest // stage):
+                        mesh = MeshShape(stage=stage, data=rest // stage // fsdp, fsdp=fsdp, expert=expert,
+                                         context=context, tensor=tensor)
+                        if all(getattr(fixed, a) in (None, getattr(mesh, a)) for a in MESH_AXES):
+                            yield mesh
 
 
 def candidates(flavor: int, config: ModelConfig, batch_size: int, seq_len: int, devices_per_host: int,
@@ -120,3 +140,18 @@ def candidates(flavor: int, config: ModelConfig, batch_size: int, seq_len: int, 
                 continue  # a pipeline with fewer micro-batches than stages leaves stages idle
             out.extend(Candidate(mesh, mb, remat, loss) for remat in remats for loss in losses)
     return out
+
+
+def batch_split_error(batch_size: int, fixed: Fixed, splits: Callable[[int], object]) -> FlavorError:
+    """No layout splits this batch under the fixed knobs: an error naming them and the nearest batch sizes
+    that `splits` (rows → the layouts that split them; empty when none) accepts."""
+    knobs = ", ".join(f"{name}={getattr(fixed, name)}" for name in ("stage", "data", "fsdp", "expert", "micro_batches")
+                      if getattr(fixed, name) not in (None, 1))
+    reach = 2 * batch_size + 64 * math.prod(getattr(fixed, n) or 1 for n in ("stage", "data", "fsdp", "expert",
+                                                                              "micro_batches"))
+    below = next((rows for rows in range(batch_size - 1, 0, -1) if splits(rows)), None)
+    above = next((rows for rows in range(batch_size + 1, reach) if splits(rows)), None)
+    nearest = " or ".join(str(rows) for rows in (below, above) if rows)
+    return FlavorError(f"batch size {batch_size} cannot be split with {knobs or 'this flavor'} (every micro-batch is "
+                       f"split over data × fsdp × expert, and a pipeline needs a micro-batch per stage); "
+                       f"{f'the nearest batch sizes that can are {nearest}' if nearest else 'change the fixed knobs'}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from moai_jax.planner.plan import Plan
+from moai_jax.sharding.mesh import MeshShape
 from moai_jax.sizes import format_bytes
 
 TOP_ALTERNATIVES = 5
@@ -12,7 +13,7 @@ TOP_ALTERNATIVES = 5
 
 def _compact(s) -> dict[str, Any]:
     c = s.candidate
-    return {"mesh": {"stage": c.mesh.stage, "data": c.mesh.data, "fsdp": c.mesh.fsdp, "tensor": c.mesh.tensor},
+    return {"mesh": c.mesh.sizes(),
             "micro_batches": c.micro_batches, "remat": c.remat, "loss": c.loss,
             "estimated_bytes_per_device": s.memory["total"], "estimated_step_seconds": round(s.seconds["total"], 6)}
 
@@ -121,8 +122,8 @@ def table(plan: Plan) -> str:
     if plan.alternatives:
         lines += ["", "  alternatives"]
         for a in plan.alternatives:
-            mesh = "x".join(str(a["mesh"].get(k, 1)) for k in ("stage", "data", "fsdp", "tensor"))
-            lines.append(f"    s×d×f×t {mesh:<11} mb {a['micro_batches']:<3} remat {a['remat']:<7} loss "
+            mesh = str(MeshShape(**a["mesh"]))
+            lines.append(f"    {mesh:<26} mb {a['micro_batches']:<3} remat {a['remat']:<7} loss "
                          f"{a['loss']:<7} {format_bytes(a['estimated_bytes_per_device']):>11} "
                          f"{a['estimated_step_seconds']:8.3f} s  {a['why_not']}")
     if plan.planning_seconds:

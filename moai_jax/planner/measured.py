@@ -23,6 +23,7 @@ from flax import nnx
 
 from moai_jax.accelerator import Accelerator, Hardware
 from moai_jax.errors import FlavorError, NoPlanFits
+from moai_jax.planner.candidates import Fixed, batch_split_error
 from moai_jax.planner.plan import Plan
 from moai_jax.planner.time_model import MICRO_BATCH_OVERHEAD, OVERLAP, PEAK_EFFICIENCY, split_efficiency
 from moai_jax.sharding.infer import origins, parameter_paths, parameter_specs
@@ -68,7 +69,7 @@ class Scored:
 
     def describe(self) -> dict:
         m = self.mesh
-        return {"mesh": {"stage": m.stage, "data": m.data, "fsdp": m.fsdp, "tensor": m.tensor},
+        return {"mesh": m.sizes(),
                 "micro_batches": self.micro_batches,
                 "remat": self.remat, "loss": "whole", "estimated_bytes_per_device": self.memory["total"],
                 "estimated_step_seconds": round(self.seconds["total"], 6)}
@@ -114,7 +115,7 @@ def _ways(spec, sizes: Mapping[str, int]) -> int:
 
 def estimate(prof: Profile, mesh: MeshShape, micro_batches: int, remat: str, batch_size: int, tokens: int,
              hardware: Hardware, compute_bytes: int, rules) -> Scored:
-    sizes = {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor}
+    sizes = mesh.sizes()
     specs = parameter_specs(prof.paths, sizes, rules)
     shard = {p: prof.param_bytes[p] / _ways(spec, sizes) for p, (spec, _) in specs.items()}
     params = sum(shard.values())
@@ -152,6 +153,7 @@ def plan_measured(abstract: nnx.Module, optimizer, batch: Mapping[str, jax.Shape
                   accelerator: Accelerator, memory_fraction: float = 0.8, *,
                   compile_candidate: Callable[[Plan], tuple], loss_fn=None, rules=None, stage: int | None = None,
                   data: int | None = None, fsdp: int | None = None, tensor: int | None = None,
+                  expert: int | None = None, context: int | None = None,
                   micro_batches: int | None = None, remat: str | None = None, compute_dtype: str = "float32") -> Plan:
     """The fastest candidate whose compiled step fits `memory_fraction` of each device.
 
@@ -161,8 +163,11 @@ def plan_measured(abstract: nnx.Module, optimizer, batch: Mapping[str, jax.Shape
     batch_size = next(iter(batch.values())).shape[0]
     if remat is not None and remat not in CHECKPOINT_POLICIES:
         raise FlavorError(f"remat={remat!r}: a model of your own takes one of {', '.join(CHECKPOINT_POLICIES)}")
-    if stage not in (None, 1):
-        raise FlavorError(f"stage={stage}: pipeline stages need moai_jax's own models (stacked layers); use stage=1")
+    for axis, value, what in (("stage", stage, "pipeline stages need moai_jax's own models (stacked layers)"),
+                              ("expert", expert, "experts are split only in moai_jax's own Mixture-of-Experts models"),
+                              ("context", context, "sequences are split only in moai_jax's own models")):
+        if value not in (None, 1):
+            raise FlavorError(f"{axis}={value}: {what}; use {axis}=1")
     remats = [remat] if remat else list(CHECKPOINT_POLICIES)
     prof = profile(abstract, optimizer, batch, loss_fn, remats)
     tensors = [tensor] if tensor else [t for t in divisors(flavor) if t <= hardware.devices_per_host]
@@ -171,31 +176,27 @@ def plan_measured(abstract: nnx.Module, optimizer, batch: Mapping[str, jax.Shape
                           f"names)] naming dimensions such as 'heads' or 'mlp' that {tensor} divides, or use tensor=1")
     budget = int(memory_fraction * hardware.memory_bytes)
     compute_bytes = jax.numpy.dtype(compute_dtype).itemsize
-    scored = []
-    for t in tensors:
-        if t > 1 and not _splits_tensor(prof, t, rules):
-            continue
-        for f in [fsdp] if fsdp else divisors(flavor // t):
-            d = flavor // t // f
-            mesh = MeshShape(data=d, fsdp=f, tensor=t)
-            if mesh.size != flavor or data not in (None, d):
-                continue
-            for mb in [micro_batches] if micro_batches else divisors(batch_size):
-                if batch_size % mb or (batch_size // mb) % mesh.batch_shards:
-                    continue
-                scored += [estimate(prof, mesh, mb, r, batch_size, batch_size * seq_len, hardware, compute_bytes,
-                                    rules) for r in remats]
-    if not scored:
-        raise FlavorError(f"batch size {batch_size} cannot be split evenly over flavor {flavor} with the fixed "
-                          f"knobs; use a batch size that is a multiple of {flavor}")
+    meshes = [MeshShape(data=flavor // t // f, fsdp=f, tensor=t) for t in tensors
+              if t == 1 or _splits_tensor(prof, t, rules) for f in ([fsdp] if fsdp else divisors(flavor // t))]
+    meshes = [m for m in meshes if m.size == flavor and data in (None, m.data)]
+
+    def splits(rows: int) -> list[tuple[MeshShape, int]]:
+        return [(mesh, mb) for mesh in meshes for mb in ([micro_batches] if micro_batches else divisors(rows))
+                if rows % mb == 0 and (rows // mb) % mesh.batch_shards == 0]
+
+    layouts = splits(batch_size)
+    if not layouts:
+        raise batch_split_error(batch_size, Fixed(data=data, fsdp=fsdp, tensor=tensor, micro_batches=micro_batches),
+                                splits)
+    scored = [estimate(prof, mesh, mb, r, batch_size, batch_size * seq_len, hardware, compute_bytes, rules)
+              for mesh, mb in layouts for r in remats]
     fits = sorted((s for s in scored if s.memory["total"] <= budget), key=lambda s: s.order)
     over = sorted((s for s in scored if s.memory["total"] > budget), key=lambda s: (s.memory["total"], s.order))
     estimated = time.perf_counter() - start
 
     def as_plan(s: Scored, seconds: dict[str, float] | None = None, **more) -> Plan:
         seconds = seconds or s.seconds
-        specs = parameter_specs(prof.paths, {"data": s.mesh.data, "fsdp": s.mesh.fsdp, "tensor": s.mesh.tensor},
-                                rules)
+        specs = parameter_specs(prof.paths, s.mesh.sizes(), rules)
         tokens = batch_size * seq_len
         return Plan(flavor=flavor, hardware=hardware.name, mesh=s.mesh, batch_size=batch_size, seq_len=seq_len,
                     micro_batches=s.micro_batches, remat=s.remat, compute_dtype=compute_dtype,

@@ -114,7 +114,7 @@ def sharded_param_elements(config: ModelConfig, mesh: MeshShape) -> int:
 
 @functools.lru_cache(maxsize=4096)  # the planner asks once per candidate; meshes repeat across candidates
 def _sharded_elements(shapes: tuple, mesh: MeshShape) -> int:
-    sizes = {"stage": mesh.stage, "data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor}
+    sizes = mesh.sizes()
     return sum(_shard_elements(s, n, sizes) for s, n in shapes)
 
 

@@ -51,6 +51,7 @@ class Plan:
     def summary(self) -> str:
         """The chosen configuration in one line, as MoAI prints its selected config."""
         tp = f"TP {self.mesh.tensor}" if self.mesh.tensor > 1 else "No TP"
+        tp += "".join(f" | {name} {n}" for name, n in (("EP", self.mesh.expert), ("CP", self.mesh.context)) if n > 1)
         lora = "" if self.lora is None else f" | LoRA r {self.lora['r']} on {','.join(self.lora['targets'])}"
         pp = (f"num_stages {self.mesh.stage}, num_micro_batches {self.micro_batches}" if self.mesh.stage > 1
               else "No PP")

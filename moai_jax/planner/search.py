@@ -18,7 +18,7 @@ from moai_jax.models import ModelConfig, flops_per_token
 from moai_jax.models.llama import REMAT_POLICIES
 from moai_jax.models.lora import LoraConfig
 from moai_jax.models.lora import flops_per_token as lora_flops
-from moai_jax.planner.candidates import Candidate, Fixed, candidates, check_fixed
+from moai_jax.planner.candidates import Candidate, Fixed, batch_split_error, candidates, check_fixed
 from moai_jax.planner.explain import alternatives, why_chosen
 from moai_jax.planner.memory import estimate_bytes
 from moai_jax.planner.plan import Plan
@@ -106,6 +106,7 @@ def plan(model_config: ModelConfig, batch_size: int, seq_len: int, accelerator: 
          memory_fraction: float = 0.8, *, verify: bool = True, data: int | None = None, fsdp: int | None = None,
          tensor: int | None = None, micro_batches: int | None = None, remat: str | None = None,
          loss: str | None = None, compute_dtype: str | None = None, optimizer=None, stage: int | None = None,
+         expert: int | None = None, context: int | None = None,
          verifier: Callable[[Plan], Verified] | None = None, lora: LoraConfig | None = None) -> Plan:
     """The fastest plan whose memory fits `memory_fraction` of each device, verified by a compile.
     With `lora` (a models.lora.LoraConfig), only LoRA adapters train on a frozen base in the compute dtype.
@@ -123,7 +124,7 @@ def plan(model_config: ModelConfig, batch_size: int, seq_len: int, accelerator: 
     if compute_dtype not in ("float32", "bfloat16", "float16"):
         raise FlavorError(f"compute dtype {compute_dtype!r}: choose float32, bfloat16 or float16")
     fixed = Fixed(data=data, fsdp=fsdp, tensor=tensor, micro_batches=micro_batches, remat=remat, loss=loss,
-                  stage=stage)
+                  stage=stage, expert=expert, context=context)
     check_fixed(fixed, flavor, model_config, batch_size, seq_len, hardware.devices_per_host)
     budget = int(memory_fraction * hardware.memory_bytes)
     if lora is not None:
@@ -131,8 +132,8 @@ def plan(model_config: ModelConfig, batch_size: int, seq_len: int, accelerator: 
     fits, over = rank(model_config, batch_size, seq_len, flavor, hardware, budget, fixed, compute_dtype, lora)
     ranked_seconds = time.perf_counter() - start
     if not over and not fits:
-        raise FlavorError(f"batch size {batch_size} cannot be split evenly over flavor {flavor} with the fixed "
-                          f"knobs; use a batch size that is a multiple of {flavor}")
+        raise batch_split_error(batch_size, fixed, lambda rows: candidates(
+            flavor, model_config, rows, seq_len, hardware.devices_per_host, fixed))
 
     def base(s: Scored, why: str, alts) -> Plan:
         c = s.candidate
