@@ -97,6 +97,10 @@ class ModelConfig:
         """A published model's config by name, e.g. "llama3-8b" or "tiny"."""
         from moai_jax.models.presets import PRESETS
 
+        if name not in PRESETS and ("/" in name or name.startswith((".", "~")) or Path(name).exists()):
+            what = "is a file, not a model folder" if Path(name).exists() else "does not exist"
+            raise ModelConfigError(f"model folder {name} {what}; pass a Hugging Face model folder (one holding "
+                                   "config.json) or a preset name such as tiny")
         if name not in PRESETS:
             raise ModelConfigError(f"unknown model preset {name!r}; presets: {', '.join(PRESETS)}")
         return PRESETS[name]

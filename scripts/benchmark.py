@@ -3,7 +3,7 @@
     python scripts/benchmark.py --model tiny --flavor 8                  # 8 simulated devices on a CPU
     python scripts/benchmark.py --model llama3.2-3b --block-size 4096 --batch-size 1 --remat matmuls
     python scripts/benchmark.py --suite accelerator                     # the GPU/TPU CI job (< 8 minutes)
-    python scripts/benchmark.py --suite cpu                             # the README's CPU table
+    python scripts/benchmark.py --suite cpu                             # the CPU table of docs/speed.md
     python scripts/benchmark.py --suite parity                          # bf16 vs float32 on the tiny model
 
 moai_jax: compile (excluded), `--warmup` steps, then `--steps` steps each synced with
