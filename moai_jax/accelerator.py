@@ -1,20 +1,25 @@
 """The virtual accelerator: a flavor (how many devices stand behind one device) and its hardware.
 
-On a machine without an accelerator a flavor larger than the real device count is simulated with
-XLA host devices, so every flavor can be planned, run and tested on a laptop or in CI. The
-simulation has to be set before JAX starts its backends; `Accelerator` does it when it can and
-otherwise says how to start JAX right.
+On a machine without the named hardware, a flavor is planned on compile-only devices of the target
+when its compiler is installed (`moai_jax.targets`: NVIDIA GPUs from XLA's target configs, TPUs from
+libtpu's topologies): the plan is verified by the compiler of the hardware it is for, but nothing can
+run on them. Otherwise, and for `hardware="cpu"` or hardware without a compiler here (AMD), a flavor
+larger than the real device count is simulated with XLA host devices, so every flavor can be planned,
+run and tested on a laptop or in CI. The simulation has to be set before JAX starts its backends;
+`Accelerator` does it when it can and otherwise says how to start JAX right.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 
 import jax
 
-from moai_jax import distributed, xla_flags
+from moai_jax import distributed, targets, xla_flags
 from moai_jax.errors import FlavorError
+from moai_jax.targets import GpuTarget, Target, TpuTarget
 
 GB = 10**9
 GiB = 2**30
@@ -31,30 +36,36 @@ class Hardware:
     intra_host_bandwidth: float  # bytes/s per device, one direction (NVLink, xGMI, ICI)
     inter_host_bandwidth: float  # bytes/s per device across hosts (InfiniBand, DCN)
     devices_per_host: int
+    target: Target | None = None  # what to compile for when the hardware is not attached (None: simulate on CPU)
 
 
 HARDWARE = {
     h.name: h
     for h in (
-        Hardware("h100", 80 * GB, 989e12, 450 * GB, 50 * GB, 8),
+        Hardware("h100", 80 * GB, 989e12, 450 * GB, 50 * GB, 8, GpuTarget("h100_sxm")),
+        Hardware("h100-sxm", 80 * GB, 989e12, 450 * GB, 50 * GB, 8, GpuTarget("h100_sxm")),
+        Hardware("h100-pcie", 80 * GB, 756e12, 64 * GB, 50 * GB, 8, GpuTarget("h100_pcie")),  # PCIe 5.0 x16 links
         # torchtitan's H100 (Grand Teton): 96 GB HBM2e at a 500 W limit, its peak "between SXM and NVL":
-        # taken at the NVL's 835 TFLOP/s
-        Hardware("h100-96gb", 96 * GB, 835e12, 450 * GB, 50 * GB, 8),
-        Hardware("h200", 141 * GB, 989e12, 450 * GB, 50 * GB, 8),
-        Hardware("a100-80gb", 80 * GB, 312e12, 300 * GB, 25 * GB, 8),
-        Hardware("a100-40gb", 40 * GB, 312e12, 300 * GB, 25 * GB, 8),
+        # taken at the NVL's 835 TFLOP/s; compiled for as an H100 SXM
+        Hardware("h100-96gb", 96 * GB, 835e12, 450 * GB, 50 * GB, 8, GpuTarget("h100_sxm")),
+        Hardware("h200", 141 * GB, 989e12, 450 * GB, 50 * GB, 8, GpuTarget("h200")),
+        Hardware("b200", 180 * GB, 2250e12, 900 * GB, 50 * GB, 8, GpuTarget("b200")),
+        Hardware("a100-80gb", 80 * GB, 312e12, 300 * GB, 25 * GB, 8, GpuTarget("a100_sxm_80")),
+        Hardware("a100-40gb", 40 * GB, 312e12, 300 * GB, 25 * GB, 8, GpuTarget("a100_sxm_40")),
         Hardware("mi250", 64 * GB, 181e12, 100 * GB, 25 * GB, 8),  # one MI250 die, as MoAI counts
         Hardware("mi300x", 192 * GB, 1307e12, 448 * GB, 50 * GB, 8),
-        Hardware("tpu-v5e", 16 * GB, 197e12, 200 * GB, 25 * GB, 8),
-        Hardware("tpu-v5p", 95 * GB, 459e12, 600 * GB, 25 * GB, 4),
+        Hardware("tpu-v5e", 16 * GB, 197e12, 200 * GB, 25 * GB, 8, TpuTarget("v5e")),
+        Hardware("tpu-v5p", 95 * GB, 459e12, 600 * GB, 25 * GB, 4, TpuTarget("v5", "megacore", dims=3)),
+        Hardware("tpu-v6e", 32 * GB, 918e12, 448 * GB, 25 * GB, 8, TpuTarget("v6e")),
         Hardware("cpu", 16 * GiB, 1e11, 10 * GB, 10 * GB, 1024),
     )
 }
 
 _DEVICE_KINDS = (  # substrings of jax's device_kind, most specific first
-    ("h200", "h200"), ("h100", "h100"), ("a100-sxm4-80gb", "a100-80gb"), ("a100 80gb", "a100-80gb"),
-    ("a100", "a100-40gb"), ("mi300x", "mi300x"), ("mi250", "mi250"), ("v5 lite", "tpu-v5e"),
-    ("v5e", "tpu-v5e"), ("v5p", "tpu-v5p"), ("cpu", "cpu"),
+    ("h200", "h200"), ("h100 pcie", "h100-pcie"), ("h100", "h100"), ("b200", "b200"),
+    ("a100-sxm4-80gb", "a100-80gb"), ("a100 80gb", "a100-80gb"), ("a100", "a100-40gb"), ("mi300x", "mi300x"),
+    ("mi250", "mi250"), ("v6 lite", "tpu-v6e"), ("v6e", "tpu-v6e"), ("v5 lite", "tpu-v5e"), ("v5e", "tpu-v5e"),
+    ("v5p", "tpu-v5p"), ("tpu v5", "tpu-v5p"), ("cpu", "cpu"),
 )
 
 
@@ -97,13 +108,17 @@ def host_available_memory() -> int:
         return available
 
 
-def simulate_devices(flavor: int) -> int:
+def simulate_devices(flavor: int, hardware: str | None = None) -> int:
     """Ask JAX for this process's share of `flavor` host devices (all of them when it is alone), if its
     backends have not started yet (no-op otherwise), and return that share. Joins the process's job
     first (`distributed.join`).
 
-    Also the moment, before any backend starts, to set moai_jax's XLA GPU flags (`xla_flags.apply`).
+    Also the moment, before any backend starts, to set moai_jax's XLA GPU flags (`xla_flags.apply`) and,
+    for `hardware` with a compile target and none attached, to start JAX on its CPU backend only (the
+    target's compiler loads then; see `targets.prefer_cpu_backend`).
     """
+    if hardware in HARDWARE and HARDWARE[hardware].target is not None:
+        targets.prefer_cpu_backend()
     count = distributed.local_share(flavor)
     xla_flags.apply()
     try:
@@ -124,9 +139,25 @@ class Accelerator:
     def __init__(self, flavor: int | str, hardware: str | None = None, *, device_memory: int | None = None,
                  devices_per_host: int | None = None):
         self.flavor = parse_flavor(flavor)
-        share = simulate_devices(self.flavor)
+        target = hardware_profile(hardware).target if hardware else None
+        share = simulate_devices(self.flavor, hardware)
         devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
         self.platform = devices[0].platform
+        self.compile_only = False  # devices of the target that compile but cannot run
+        self.fallback = None  # why the target's compile-only devices are not used
+        if target is not None and self.platform == "cpu":
+            if jax.process_count() > 1:
+                self.fallback = "several processes plan on their own CPU devices"
+            else:
+                try:
+                    devices = targets.compile_only_devices(
+                        target, self.flavor, devices_per_host or HARDWARE[hardware].devices_per_host)
+                    self.platform, self.compile_only = devices[0].platform, True
+                except targets.TargetUnavailable as e:
+                    self.fallback = str(e)
+            if self.fallback:
+                warnings.warn(f"{hardware}: {self.fallback}; planning on simulated CPU devices instead (their "
+                              f"compiler's memory, not the {hardware}'s)", stacklevel=2)
         if jax.process_count() > 1:
             devices = _share_of_each_process(devices, share)
         if len(devices) < self.flavor:
@@ -157,9 +188,29 @@ class Accelerator:
         self.hardware = hardware_profile(hardware or detected, device_memory=device_memory,
                                          devices_per_host=devices_per_host)
 
+    @property
+    def family(self) -> str:
+        """The compiler the plans are verified with: "gpu", "tpu" or "cpu" (simulated devices)."""
+        return targets.family(self.devices[0])
+
+    def describe(self) -> str:
+        """The devices in words: "64 × NVIDIA H100 80GB HBM3 (compile only)", "8 simulated CPU devices"."""
+        if self.compile_only:
+            return f"{self.flavor} × {self.devices[0].device_kind} (compile only)"
+        if self.simulated:
+            return f"{self.flavor} simulated CPU devices"
+        return f"{self.flavor} × {self.devices[0].device_kind}"
+
+    def check_can_run(self) -> None:
+        """A FlavorError if these devices cannot run a step (compile-only devices of absent hardware)."""
+        if self.compile_only:
+            raise FlavorError(
+                f"the Accelerator holds {self.describe()}: no {self.hardware.name} is attached, so moai_jax can plan "
+                f"and verify on it but not run a step; plan here and train on a machine with the hardware, or train "
+                f"on simulated CPU devices with hardware='cpu' (--hardware cpu)")
+
     def __repr__(self) -> str:
-        where = "simulated CPU devices" if self.simulated else f"{self.platform} devices"
-        return f"Accelerator(flavor={self.flavor}, {self.flavor} {where}, hardware={self.hardware.name})"
+        return f"Accelerator(flavor={self.flavor}, {self.describe()}, hardware={self.hardware.name})"
 
 
 def _share_of_each_process(devices: list[jax.Device], share: int) -> list[jax.Device]:

@@ -94,6 +94,9 @@ def build_step(abstract: nnx.Module, optimizer: optax.GradientTransformation, pl
     remat_policy = None
     if own_model(abstract):
         abstract.remat = plan.remat
+        if abstract.attention == "auto":  # for the devices compiled for (compile-only GPUs: cuDNN), not this machine's
+            abstract.attention = attention_lib.resolve("auto", jnp.dtype(plan.compute_dtype), abstract.config.head_dim,
+                                                       mesh.devices.flat[0])
     else:
         remat_policy = CHECKPOINT_POLICIES[plan.remat]
     accumulate = pipeline_micro_batches(abstract, plan)
@@ -144,6 +147,17 @@ def batch_spec(plan: Plan, batch_keys: Sequence[str] = BATCH_KEYS) -> dict[str, 
     return {k: jax.ShapeDtypeStruct((plan.batch_size, plan.seq_len), jnp.int32) for k in batch_keys}
 
 
+def describe_backend(device: jax.Device, count: int, attention: str | None = None) -> str:
+    """Which compiler verified, in words: "64 × NVIDIA H100 80GB HBM3 (compile only, cudnn attention)",
+    "cpu (8 simulated devices, blockwise attention)"."""
+    notes = [f"{attention} attention"] if attention else []
+    if device.platform == "cpu":
+        return f"cpu ({', '.join([f'{count} simulated devices' if count > 1 else f'{count} device(s)'] + notes)})"
+    if device not in jax.devices():
+        notes.insert(0, "compile only")
+    return f"{count} × {device.device_kind}" + (f" ({', '.join(notes)})" if notes else "")
+
+
 def compile_step(plan: Plan, model: nnx.Module, devices: Sequence[jax.Device],
                  optimizer: optax.GradientTransformation | None = None, batch_keys: Sequence[str] = BATCH_KEYS, *,
                  batch: dict[str, jax.ShapeDtypeStruct] | None = None, loss_fn: LossFn | None = None, rules=None):
@@ -158,14 +172,8 @@ def compile_step(plan: Plan, model: nnx.Module, devices: Sequence[jax.Device],
     specs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=parts.batch_sharding)
              for k, v in (batch or batch_spec(plan, batch_keys)).items()}
     compiled = parts.step.lower(parts.abstract_state, specs, parts.abstract_rest).compile()
-    device = mesh.devices.flat[0]
-    simulated = device.platform == "cpu" and plan.mesh.size > 1
-    where = f"{plan.mesh.size} simulated devices" if simulated else f"{plan.mesh.size} device(s)"
-    if getattr(model, "config", None) is not None:
-        kernel = attention_lib.resolve(getattr(model, "attention", "auto"), jnp.dtype(plan.compute_dtype),
-                                       model.config.head_dim)
-        where += f", {kernel} attention"
-    backend = f"{device.platform} ({where})"
+    backend = describe_backend(mesh.devices.flat[0], plan.mesh.size, getattr(model, "attention", None)
+                               if getattr(model, "config", None) is not None else None)
     return parts, compiled, Verified(compiled_bytes(compiled), backend, time.perf_counter() - start)
 
 

@@ -93,6 +93,7 @@ class Trainer:
                  loss_fn: Callable[[nnx.Module, dict], tuple[Any, Any]] | None = None, rules=None,
                  example_batch: Mapping[str, Any] | None = None, lora: lora_lib.LoraConfig | None = None,
                  autotune: int = 0):
+        accelerator.check_can_run()  # compile-only devices plan (moai_jax.plan) but run nothing
         self.accelerator, self.lora = accelerator, lora
         model = lora_lib.adapted(model, lora)
         self.batch_size, self.seq_len = batch_size, seq_len or 1

@@ -35,13 +35,14 @@ IMPLEMENTATIONS = ("auto", "xla", "cudnn", "blockwise")
 _MASKED = -1e30
 
 
-def resolve(implementation: str, dtype, head_dim: int) -> str:
-    """The implementation "auto" stands for on this machine (others are returned as they are)."""
+def resolve(implementation: str, dtype, head_dim: int, device=None) -> str:
+    """The implementation "auto" stands for on `device` (default: this machine's first; others are
+    returned as they are)."""
     if implementation not in IMPLEMENTATIONS:
         raise ModelConfigError(f"unknown attention {implementation!r}; use one of: {', '.join(IMPLEMENTATIONS)}")
     if implementation != "auto":
         return implementation
-    device = jax.devices()[0]
+    device = device or jax.devices()[0]
     nvidia = device.platform == "gpu" and "nvidia" in device.device_kind.lower()  # e.g. "NVIDIA H100 80GB HBM3"
     sixteen_bit = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     return "cudnn" if nvidia and sixteen_bit and head_dim % 8 == 0 and head_dim <= 128 else "blockwise"

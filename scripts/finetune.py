@@ -47,8 +47,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="fix the device mesh, e.g. data=2,fsdp=2,tensor=2 or stage=4,fsdp=2 (product = flavor; "
                         "default: automatic, chosen by the planner)")
     p.add_argument("--hardware", default=None,
-                   help="hardware profile to plan for: h100, h200, a100-80gb, a100-40gb, mi250, mi300x, tpu-v5e, "
-                        "tpu-v5p, cpu (default: detected from the devices)")
+                   help="hardware profile to plan for: h100 (= h100-sxm), h100-pcie, h200, b200, a100-80gb, a100-40gb, "
+                        "mi250, mi300x, tpu-v5e, tpu-v5p, tpu-v6e, cpu (default: detected from the devices)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="plan and verify the step for --hardware (compiled for it when absent), train nothing")
     p.add_argument("--device-memory", default=None, help="override the memory of one device, e.g. 64GB or 300MB")
     p.add_argument("--devices-per-host", type=int, default=None, help="override how many devices share a host")
     p.add_argument("--memory-fraction", type=float, default=0.8,
@@ -118,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     distributed.agree("arguments", {k: v for k, v in vars(args).items() if k != "process_id"},
                       "start every process with the same arguments")
     flavor = parse_flavor(args.flavor)
-    simulate_devices(flavor)  # before JAX starts its backends
+    simulate_devices(flavor, args.hardware)  # before JAX starts its backends
     check_settings(args)
     from moai_jax.models import lora
 
@@ -131,6 +133,20 @@ def run(args: argparse.Namespace) -> int:
         # on every way out, the last save is finished; of several processes, only process 0 prints
         with checkpoints or contextlib.nullcontext(), distributed.only_first_prints():
             return train(args, flavor, checkpoints, metrics_file)
+
+
+def dry_run(args: argparse.Namespace, config, accelerator, dtype: str) -> int:
+    """--dry-run: the plan the run would train with, verified by the compiler of its hardware; no step runs."""
+    from moai_jax.planner import plan
+    from moai_jax.planner.explain import table
+    from moai_jax.planner.verify import verified_line
+    from moai_jax.trainer import fixed_axes
+
+    result = plan(config, args.batch_size, args.block_size, accelerator, args.memory_fraction,
+                  micro_batches=args.micro_batches, remat=args.remat, compute_dtype=dtype, lora=args.lora,
+                  **fixed_axes(args.mesh)[1])
+    print(table(result) + "\n  " + verified_line(result))
+    return 0
 
 
 def train(args: argparse.Namespace, flavor: int, checkpoints, metrics_file) -> int:
@@ -163,6 +179,8 @@ def train(args: argparse.Namespace, flavor: int, checkpoints, metrics_file) -> i
     if args.resume:
         checkpoints.check_model(config)  # before loading anything big
     dtype = args.dtype if args.dtype != "auto" else ("float32" if accelerator.platform == "cpu" else "bfloat16")
+    if args.dry_run:
+        return dry_run(args, config, accelerator, dtype)
 
     tokenizer = data.load_tokenizer_for(args.model_name_or_path)
     samples = SamplePrompts(args.sample_prompts, tokenizer, config) if args.sample_prompts else None

@@ -20,8 +20,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--flavor", default="1", help="devices behind the one virtual accelerator")
     p.add_argument("--batch-size", type=int, default=32, help="global batch in sequences")
     p.add_argument("--block-size", type=int, default=1024, help="tokens per sequence")
-    p.add_argument("--hardware", default=None, help="hardware profile: h100, h200, a100-80gb, a100-40gb, mi250, "
-                                                    "mi300x, tpu-v5e, tpu-v5p, cpu (default: detected)")
+    p.add_argument("--hardware", default=None, help="hardware profile: h100 (= h100-sxm), h100-pcie, h200, b200, "
+                                                    "a100-80gb, a100-40gb, mi250, mi300x, tpu-v5e, tpu-v5p, tpu-v6e, "
+                                                    "cpu (default: detected). Absent NVIDIA GPUs and TPUs are "
+                                                    "compiled for when their compiler is installed")
     p.add_argument("--device-memory", default=None, help="override the device memory, e.g. 64GB or 300MB")
     p.add_argument("--devices-per-host", type=int, default=None, help="override devices per host")
     p.add_argument("--memory-fraction", type=float, default=0.8, help="share of device memory a plan may use")
@@ -50,7 +52,7 @@ def run(args) -> int:
 
     distributed.join_from_args(args)  # alone, or one process of several: before JAX starts its backends
     flavor = parse_flavor(args.flavor)
-    simulate_devices(flavor)  # before JAX starts its backends
+    simulate_devices(flavor, args.hardware)  # before JAX starts its backends
     check_range("--devices-per-host", args.devices_per_host, 1)
 
     from pathlib import Path
@@ -59,6 +61,7 @@ def run(args) -> int:
     from moai_jax.models import ModelConfig
     from moai_jax.planner import plan
     from moai_jax.planner.explain import table
+    from moai_jax.planner.verify import verified_line
     from moai_jax.sizes import parse_bytes
     from moai_jax.sharding.mesh import MeshShape
 
@@ -80,7 +83,7 @@ def run(args) -> int:
     if distributed.join().process_id == 0:  # of several processes, process 0 writes and prints
         if args.dump:
             Path(args.dump).write_text(text + "\n")
-        print(text if args.json else table(result))
+        print(text if args.json else table(result) + "\n  " + verified_line(result))
     return 0
 
 
