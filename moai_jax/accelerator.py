@@ -212,6 +212,12 @@ class Accelerator:
     def __repr__(self) -> str:
         return f"Accelerator(flavor={self.flavor}, {self.describe()}, hardware={self.hardware.name})"
 
+    def jit(self, fun=None, **options):
+        """`@acc.jit`, the drop-in for `nnx.jit` / `jax.jit`: your own step planned over the flavor (`moai_jax.jit`)."""
+        from moai_jax.jit import jit
+
+        return jit(self, fun, **options)
+
 
 def _share_of_each_process(devices: list[jax.Device], share: int) -> list[jax.Device]:
     """The first `share` devices of every process, by process; a FlavorError where one has fewer."""

@@ -32,6 +32,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import nnx
 
 from moai_jax.errors import CheckpointError
 from moai_jax.models import lora as lora_lib
@@ -189,6 +190,45 @@ class Checkpoints:
             raise CheckpointError(f"checkpoint of step {step} in {self.directory} holds {describe(saved)}, not "
                                   f"{describe(mine)}; resume with the LoRA options it was saved with")
 
+    # -- the state of a step of your own (`@acc.jit`) ---------------------------------------------
+    def save_state(self, step: int, state: dict, *, plan=None, data_position: dict | None = None,
+                   seed: int | None = None, force: bool = False) -> bool:
+        """Start saving the state of a step of your own, e.g. `{"model": model, "optimizer": optimizer}`
+        (nnx objects) or `{"state": train_state}` (pytrees), with the plan its `@acc.jit` step chose."""
+        meta = {"format": FORMAT, "step": int(step), "data_position": data_position, "seed": seed,
+                "plan": None if plan is None else plan.to_dict(), "model_config": None, "run": {}}
+        args = ocp.args.Composite(train=ocp.args.PyTreeSave({k: _nested(v) for k, v in state.items()}),
+                                  metadata=ocp.args.JsonSave(_json(meta)))
+        try:
+            return self._manager.save(int(step), args=args, force=force)
+        except OSError as e:
+            raise CheckpointError(f"cannot write checkpoint {step} to {self.directory}: {e.strerror or e}") from None
+
+    def restore_state(self, state: dict, step: int | None = None) -> tuple[dict, dict]:
+        """Read a `save_state` checkpoint (the latest by default) into `state`, each array straight onto
+        the shards of the array it replaces: after `train_step.place(...)`, onto that step's plan, on any
+        flavor. nnx objects are updated in place; returns (`state` with its pytrees restored, the metadata)."""
+        step = self._step_or_latest(step)
+        meta = self.metadata(step)
+        current = {k: _nested(v) for k, v in state.items()}
+        shardings = jax.tree.map(lambda x: getattr(x, "sharding", None) or jax.sharding.SingleDeviceSharding(
+            jax.devices()[0]), current)
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(train=_restore_args(current, shardings)))
+        except Exception as e:  # noqa: BLE001
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise CheckpointError(f"checkpoint of step {step} in {self.directory} does not fit this state "
+                                  f"({type(e).__name__}: {first[:200]})") from None
+        out = {}
+        for name, value in state.items():
+            treedef, leaves = _flat(value)
+            read = dict(_flat(restored["train"][name])[1])
+            tree = jax.tree.unflatten(treedef, [read[path or ("value",)] for path, _ in leaves])
+            if nnx.graph.is_graph_node(value):
+                nnx.update(value, tree)
+            out[name] = value if nnx.graph.is_graph_node(value) else tree
+        return out, meta
+
     # -- writing ---------------------------------------------------------------------------------
     def save(self, trainer, step: int, *, data_position: dict | None = None, seed: int | None = None,
              run: dict | None = None, force: bool = False) -> bool:
@@ -227,6 +267,26 @@ class Checkpoints:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _flat(value: Any) -> tuple[Any, list[tuple[tuple[str, ...], Any]]]:
+    """An nnx object's state or a pytree: its treedef and (path of strings, leaf) pairs."""
+    if nnx.graph.is_graph_node(value):
+        value = nnx.state(value)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(value)
+    return treedef, [(tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path), leaf)
+                     for path, leaf in flat]
+
+
+def _nested(value: Any) -> dict:
+    """`value`'s arrays as nested dicts keyed by the strings of their paths, as Orbax writes them."""
+    out: dict = {}
+    for path, leaf in _flat(value)[1]:
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1] if path else "value"] = leaf
+    return out
 
 
 def _split_rest(rest: Any, lora) -> tuple[dict, Any]:

@@ -154,10 +154,12 @@ def plan_measured(abstract: nnx.Module, optimizer, batch: Mapping[str, jax.Shape
                   compile_candidate: Callable[[Plan], tuple], loss_fn=None, rules=None, stage: int | None = None,
                   data: int | None = None, fsdp: int | None = None, tensor: int | None = None,
                   expert: int | None = None, context: int | None = None,
-                  micro_batches: int | None = None, remat: str | None = None, compute_dtype: str = "float32") -> Plan:
+                  micro_batches: int | None = None, remat: str | None = None, compute_dtype: str = "float32",
+                  profiled: Profile | None = None) -> Plan:
     """The fastest candidate whose compiled step fits `memory_fraction` of each device.
 
-    `compile_candidate(plan)` compiles a candidate's train step and returns (parts, compiled, Verified)."""
+    `compile_candidate(plan)` compiles a candidate's train step and returns (parts, compiled, Verified).
+    `profiled`: the model's Profile when it has no loss to trace (a step of the user's own, `acc.jit`)."""
     start = time.perf_counter()
     hardware, flavor = accelerator.hardware, accelerator.flavor
     batch_size = next(iter(batch.values())).shape[0]
@@ -169,7 +171,7 @@ def plan_measured(abstract: nnx.Module, optimizer, batch: Mapping[str, jax.Shape
         if value not in (None, 1):
             raise FlavorError(f"{axis}={value}: {what}; use {axis}=1")
     remats = [remat] if remat else list(CHECKPOINT_POLICIES)
-    prof = profile(abstract, optimizer, batch, loss_fn, remats)
+    prof = profiled or profile(abstract, optimizer, batch, loss_fn, remats)
     tensors = [tensor] if tensor else [t for t in divisors(flavor) if t <= hardware.devices_per_host]
     if tensor and tensor > 1 and not _splits_tensor(prof, tensor, rules):
         raise FlavorError(f"tensor={tensor} splits none of your model's parameters: give rules=[(regex, logical "

@@ -1,0 +1,212 @@
+"""What each argument of a step of your own is, where its leaves go, and what the step returns of it.
+
+    static   named by `static_argnums` / `static_argnames`: part of the compiled step;
+    module   an nnx graph node (Module, Optimizer, metrics): updated in place after every call;
+    batch    a pytree whose arrays all share a leading dimension (or named in `batch_argnames`): that axis
+             is split over the data axes, each process passing its own rows;
+    state    any other pytree (a TrainState, a dict of parameters).
+
+Parameters (nnx.Param, or what sits under `params` in a pytree; all of a pytree with no `params`) are
+placed by `moai_jax.sharding.infer`; every other array of the state follows the parameter whose path
+ends its own with the same shape (Adam's moments, EMA weights), or is placed by its own shape. Paths
+start with the argument's name: `model/linear/kernel`, `state/params/Dense_0/kernel`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from moai_jax.errors import ModelError
+from moai_jax.sharding.infer import parameter_paths, parameter_specs
+from moai_jax.sharding.rules import partition_spec
+
+SCALARS = (bool, int, float, complex, np.ndarray, np.generic, jax.Array)
+
+
+@dataclasses.dataclass
+class Argument:
+    """One argument of a call: what kind it is and its leaves, each with its path and shape."""
+
+    name: str
+    kind: str  # "static", "module", "batch" or "state"
+    value: Any
+    graphdef: Any = None  # modules: the nnx GraphDef
+    treedef: Any = None
+    paths: tuple[str, ...] = ()
+    leaves: tuple = ()
+    params: dict[str, tuple] = dataclasses.field(default_factory=dict)  # path → (shape, logical names)
+
+    def abstract(self, shardings=None) -> list[jax.ShapeDtypeStruct]:
+        """The leaves' global shapes: a batch's rows are this process's, the rows of every process make it."""
+        shardings = shardings or [None] * len(self.leaves)
+        return [jax.ShapeDtypeStruct(global_shape(np.shape(x)) if self.kind == "batch" else np.shape(x), dtype_of(x),
+                                     weak_type=weak_of(x), sharding=s) for x, s in zip(self.leaves, shardings)]
+
+    def rebuild(self, leaves):
+        tree = jax.tree.unflatten(self.treedef, leaves)
+        return nnx.merge(self.graphdef, tree) if self.kind == "module" else tree
+
+
+def global_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return (shape[0] * jax.process_count(), *shape[1:])
+
+
+def dtype_of(x) -> np.dtype:
+    return jax.dtypes.canonicalize_dtype(x.dtype if hasattr(x, "dtype") else np.result_type(x),
+                                         allow_extended_dtype=True)  # random keys too
+
+
+def weak_of(x) -> bool:
+    return bool(getattr(x, "weak_type", not hasattr(x, "dtype")))
+
+
+def key_parts(keypath) -> list[str]:
+    out = []
+    for k in keypath:
+        part = getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))
+        out.append(str(part))
+    return out
+
+
+def argument(name: str, value, batch_names: Iterable[str] | None) -> Argument:
+    if nnx.graph.is_graph_node(value):
+        graphdef, state = nnx.split(value)
+        flat, treedef = jax.tree_util.tree_flatten_with_path(state)
+        paths = ["/".join([name, *key_parts(k)[:-1]]) for k, _ in flat]  # the last key is the Variable's value
+        params = {f"{name}/{p}": v for p, v in parameter_paths(nnx.state(value, nnx.Param)).items()}
+        arg = Argument(name, "module", value, graphdef, treedef, tuple(paths), tuple(x for _, x in flat), params)
+    else:
+        flat, treedef = jax.tree_util.tree_flatten_with_path(value)
+        paths = ["/".join([name, *key_parts(k)]) for k, _ in flat]
+        leaves = tuple(x for _, x in flat)
+        rows = {np.shape(x)[0] if np.ndim(x) else None for x in leaves}
+        is_batch = name in batch_names if batch_names is not None else bool(leaves) and None not in rows and len(rows) == 1
+        arg = Argument(name, "batch" if is_batch else "state", value, None, treedef, tuple(paths), leaves)
+        if not is_batch:
+            under = [p for p in paths if "params" in p.split("/")[1:]]
+            arg.params = {p: (np.shape(x), PartitionSpec()) for p, x in zip(paths, leaves) if p in under or not under}
+    for path, x in zip(arg.paths, arg.leaves):
+        if not isinstance(x, SCALARS):
+            raise ModelError(f"argument {name!r} holds a {type(x).__name__} at {path}, where the step needs an array: "
+                             f"make it an array (jnp.asarray), or name {name!r} in static_argnames")
+    return arg
+
+
+def followed(args: Sequence[Argument]) -> dict[str, str]:
+    """Every non-parameter leaf of state → the parameter whose path ends its own, with the same shape."""
+    by_tail: dict[tuple, tuple[str, tuple]] = {}
+    for a in args:
+        for path, (shape, _) in a.params.items():
+            parts = path.split("/")[1:]
+            tail = parts[parts.index("params") + 1:] if "params" in parts else parts
+            by_tail.setdefault(tuple(tail), (path, shape))
+    leaders = {}
+    for a in args:
+        for path, x in zip(a.paths, a.leaves):
+            if a.kind == "batch" or path in a.params:
+                continue
+            parts = path.split("/")
+            for i in range(1, len(parts)):
+                leader = by_tail.get(tuple(parts[i:]))
+                if leader is not None and leader[1] == tuple(np.shape(x)):
+                    leaders[path] = leader[0]
+                    break
+    return leaders
+
+
+@dataclasses.dataclass
+class Call:
+    """A call's arguments, what identifies its compiled step, and the global rows of its batch."""
+
+    bound: inspect.BoundArguments
+    args: list[Argument]
+    rows: int | None
+    outputs: tuple | None = None  # (returned state: name → where in the output, the output's shapes)
+
+    @property
+    def key(self) -> tuple:
+        return tuple((a.name, a.kind, a.value if a.kind == "static" else (a.graphdef, a.treedef,
+                      tuple(s.shape for s in a.abstract()), tuple(str(s.dtype) for s in a.abstract()),
+                      tuple(s.weak_type for s in a.abstract()))) for a in self.args)
+
+    def dynamic(self) -> list[Argument]:
+        return [a for a in self.args if a.kind != "static"]
+
+    def shardings(self, mesh, rules=None) -> dict[str, list[NamedSharding]]:
+        """Where every leaf of every dynamic argument goes on `mesh`, by argument name."""
+        sizes = dict(mesh.shape)
+        state = [a for a in self.dynamic() if a.kind != "batch"]
+        params = {p: v for a in state for p, v in a.params.items()}
+        specs = {p: spec for p, (spec, _) in parameter_specs(params, sizes, rules).items()}
+        leaders = followed(state)
+        others = {p: (np.shape(x), PartitionSpec()) for a in state for p, x in zip(a.paths, a.leaves)
+                  if p not in specs and p not in leaders}
+        specs.update({p: spec for p, (spec, _) in parameter_specs(others, sizes).items()})
+        specs.update({p: specs[leader] for p, leader in leaders.items()})
+        out = {}
+        for a in self.dynamic():
+            if a.kind == "batch":
+                out[a.name] = [NamedSharding(mesh, partition_spec(("batch",), global_shape(np.shape(x))[:1], sizes))
+                               for x in a.leaves]
+            else:
+                out[a.name] = [NamedSharding(mesh, specs[p]) for p in a.paths]
+        return out
+
+    def returned(self, trace: Callable) -> tuple[dict[str, tuple], Any]:
+        """State arguments the step returns: name → where in its output (() the output itself, (i,) its i-th);
+        and the output's shapes. `trace(abstract leaves of each dynamic argument)` → (output, modules' new
+        leaves). Traced once per call signature; a ModelError where state changes structure or shape."""
+        if self.outputs is not None:
+            return self.outputs
+        dynamic = self.dynamic()
+        out, updated = jax.eval_shape(trace, [a.abstract() for a in dynamic])
+        for a, leaves in zip([a for a in dynamic if a.kind == "module"], updated):
+            check_same(a, leaves)
+        elements = [((), out)] + ([((i,), o) for i, o in enumerate(out)] if isinstance(out, (tuple, list)) else [])
+        found = {}
+        for a in dynamic:
+            if a.kind != "state":
+                continue
+            same = [where for where, o in elements if jax.tree.structure(o) == a.treedef]
+            alike = [o for _, o in elements if looks_like(o, a.value)]
+            if not same and alike:
+                raise ModelError(changed(a, ["/".join([a.name, *key_parts(k)])
+                                              for k, _ in jax.tree_util.tree_flatten_with_path(alike[0])[0]]))
+            others = [b for b in dynamic if b is not a and b.treedef == a.treedef]
+            if len(same) == 1 and not others:
+                check_same(a, jax.tree.leaves(elements[[w for w, _ in elements].index(same[0])][1]))
+                found[a.name] = same[0]
+        self.outputs = (found, out)
+        return self.outputs
+
+
+def check_same(a: Argument, leaves) -> None:
+    for path, x, y in zip(a.paths, a.leaves, leaves):
+        if (np.shape(x), dtype_of(x)) != (y.shape, y.dtype):
+            raise ModelError(f"the step returns argument {a.name!r} with {path} as {y.dtype}{list(y.shape)}, but it "
+                             f"received {dtype_of(x)}{list(np.shape(x))}; return the state with the shapes and dtypes "
+                             f"it came with")
+
+
+def looks_like(out, value) -> bool:
+    """An output of the same kind as a state argument (its class, or a dict with its keys)."""
+    if isinstance(value, dict):
+        return isinstance(out, dict) and set(out) == set(value)
+    return type(out) is type(value) and not isinstance(value, (tuple, list))
+
+
+def changed(a: Argument, after: Sequence[str]) -> str:
+    gone, new = [p for p in a.paths if p not in after], [p for p in after if p not in a.paths]
+    shown = "; ".join(filter(None, [f"gone: {', '.join(gone[:3])}" if gone else "",
+                                    f"new: {', '.join(new[:3])}" if new else ""])) or "its tree differs"
+    return (f"the step returns argument {a.name!r} with another structure than it received ({shown}); a step must "
+            f"keep its state's structure from call to call (create every variable and optimizer state before the "
+            f"first step)")
