@@ -213,6 +213,7 @@ class JitStep:
         without running the step; returns the arguments as placed (for a checkpoint to restore onto)."""
         call = self._bind(args, kwargs)
         step = self._ready(call)
+        self.accelerator.check_can_run()  # compile-only devices of absent hardware plan, and run nothing
         placed = self._placed(call, step)
         for a in call.dynamic():
             if a.kind == "module":
@@ -225,6 +226,7 @@ class JitStep:
     def __call__(self, *args, **kwargs):
         call = self._bind(args, kwargs)
         step = self._ready(call)
+        self.accelerator.check_can_run()
         placed = self._placed(call, step)
         out, updated = step.executable([placed[n] for n in step.donated], [placed[n] for n in step.kept])
         for a, leaves in zip([a for a in call.dynamic() if a.kind == "module"], updated):
