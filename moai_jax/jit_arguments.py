@@ -173,7 +173,7 @@ class Call:
         elements = [((), out)] + ([((i,), o) for i, o in enumerate(out)] if isinstance(out, (tuple, list)) else [])
         found = {}
         for a in dynamic:
-            if a.kind != "state":
+            if a.kind != "state" or jax.tree_util.treedef_is_leaf(a.treedef):  # a bare scalar matches any scalar
                 continue
             same = [where for where, o in elements if jax.tree.structure(o) == a.treedef]
             alike = [o for _, o in elements if looks_like(o, a.value)]

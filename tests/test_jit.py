@@ -38,11 +38,18 @@ class MLP(nnx.Module):
 
 def nnx_loss(model, batch):
     logits = model(batch["x"])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean(), logits
+
+
+def tutorial_step(model, optimizer, metrics, batch):
+    (loss, logits), grads = nnx.value_and_grad(nnx_loss, has_aux=True)(model, batch)
+    metrics.update(loss=loss, logits=logits, labels=batch["y"])
+    optimizer.update(model, grads)
+    return loss
 
 
 def nnx_train_step(model, optimizer, batch):
-    loss, grads = nnx.value_and_grad(nnx_loss)(model, batch)
+    (loss, _), grads = nnx.value_and_grad(nnx_loss, has_aux=True)(model, batch)
     optimizer.update(model, grads)
     return loss
 
@@ -50,9 +57,10 @@ def nnx_train_step(model, optimizer, batch):
 def nnx_program(jit, hidden=256, seed=0):
     model = MLP(32, hidden, 8, rngs=nnx.Rngs(seed))
     optimizer = nnx.Optimizer(model, optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2)), wrt=nnx.Param)
-    train_step = jit(nnx_train_step)
-    losses = [float(train_step(model, optimizer, batch)) for batch in batches()]
-    return losses, model, optimizer, train_step
+    metrics = nnx.MultiMetric(accuracy=nnx.metrics.Accuracy(), loss=nnx.metrics.Average("loss"))
+    train_step = jit(tutorial_step)
+    losses = [float(train_step(model, optimizer, metrics, batch)) for batch in batches()]
+    return losses, model, optimizer, train_step, metrics.compute()
 
 
 # -- program 2: a functional TrainState step with an EMA of the parameters ------------------------
@@ -125,8 +133,10 @@ def shard_fraction(array) -> float:
 
 
 def test_nnx_tutorial_loop_matches_one_device_with_fsdp_shards(tutorial, capsys):
-    (one, *_), (eight, model, optimizer, train_step) = tutorial
+    (one, *_, one_metrics), (eight, model, optimizer, train_step, metrics) = tutorial
     np.testing.assert_allclose(eight, one, atol=1e-5)
+    for name in ("accuracy", "loss"):  # the metrics the step updated in place
+        assert float(metrics[name]) == pytest.approx(float(one_metrics[name]), abs=1e-5)
     assert train_step.plan.mesh.fsdp == 8
     kernel = model.linear1.kernel.get_value()
     adam = optimizer.opt_state[1][0]
@@ -166,7 +176,7 @@ def test_distillation_matches_one_device(acc):
 def test_state_over_one_device_budget_gets_a_plan_that_fits():
     small = moai.Accelerator(8, device_memory=2_000_000)
     one, *_ = nnx_program(nnx.jit, hidden=2048)
-    eight, _, _, train_step = nnx_program(small.jit, hidden=2048)
+    eight, _, _, train_step, _ = nnx_program(small.jit, hidden=2048)
     plan = train_step.plan
     assert plan.verified_bytes_per_device <= plan.budget_bytes_per_device
     assert plan.mesh.fsdp > 1
@@ -175,21 +185,22 @@ def test_state_over_one_device_budget_gets_a_plan_that_fits():
 
 
 def test_state_restores_onto_another_flavor(tutorial, tmp_path):
-    _, (_, model, optimizer, train_step) = tutorial
+    _, (_, model, optimizer, train_step, _) = tutorial
     with Checkpoints(tmp_path) as checkpoints:
         checkpoints.save_state(STEPS, {"model": model, "optimizer": optimizer}, plan=train_step.plan)
-    four = moai.Accelerator(4).jit(nnx_train_step, fsdp=4)
+    four = moai.Accelerator(4).jit(tutorial_step, fsdp=4)
     restored = MLP(32, 256, 8, rngs=nnx.Rngs(1))
     restored_optimizer = nnx.Optimizer(restored, optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2)),
                                        wrt=nnx.Param)
-    batch = batches()[0]
-    four.place(restored, restored_optimizer, batch)
+    batch, metrics = batches()[0], lambda: nnx.MultiMetric(loss=nnx.metrics.Average("loss"))
+    four.place(restored, restored_optimizer, metrics(), batch)
     with Checkpoints(tmp_path) as checkpoints:
         _, meta = checkpoints.restore_state({"model": restored, "optimizer": restored_optimizer})
     assert meta["plan"]["mesh"]["fsdp"] == 8
     assert shard_fraction(restored.linear1.kernel.get_value()) == 1 / 4
-    assert float(four(restored, restored_optimizer, batch)) == pytest.approx(
-        float(train_step(model, optimizer, batch)), abs=1e-5)
+    # the next step on 4 devices is the next step on 8
+    assert float(four(restored, restored_optimizer, metrics(), batch)) == pytest.approx(
+        float(train_step(model, optimizer, metrics(), batch)), abs=1e-5)
 
 
 def test_batch_the_data_axes_do_not_divide(acc):
