@@ -88,9 +88,12 @@ def build_step(abstract: nnx.Module, optimizer: optax.GradientTransformation, pl
     Used by the Trainer to run and by the planner to verify (lowered on abstract inputs). `loss_fn` and
     `rules` (partition rules, see `moai_jax.sharding.infer`) are the user's, for their own models."""
     replicated = NamedSharding(mesh, PartitionSpec())
-    # the batch's leading dimension is split; the rest of every batch array (length, features) follows
-    batch_sharding = NamedSharding(mesh, partition_spec(
-        ("batch",), (plan.batch_size // plan.micro_batches,), dict(mesh.shape)))
+    # the batch's leading dimension is split; the rest of every batch array (length, features) follows,
+    # except that under context parallelism the [batch, length] arrays are split over length too
+    names, shape = ("batch",), (plan.batch_size // plan.micro_batches,)
+    if plan.mesh.context > 1:
+        names, shape = ("batch", "length"), (*shape, plan.seq_len)
+    batch_sharding = NamedSharding(mesh, partition_spec(names, shape, dict(mesh.shape)))
     remat_policy = None
     if own_model(abstract):
         abstract.remat = plan.remat
@@ -100,6 +103,9 @@ def build_step(abstract: nnx.Module, optimizer: optax.GradientTransformation, pl
     else:
         remat_policy = CHECKPOINT_POLICIES[plan.remat]
     accumulate = pipeline_micro_batches(abstract, plan)
+    if plan.mesh.context > 1 and not own_model(abstract):
+        raise FlavorError(f"mesh {plan.mesh} splits each sequence over context, which only moai_jax's own models "
+                          f"support (their attention gathers keys and values); use context=1")
     graphdef, abstract_params, abstract_rest = nnx.split(abstract, nnx.Param, ...)
     param_shapes = nnx.to_pure_dict(abstract_params)
     param_shardings = parameter_shardings(abstract_params, mesh, rules)

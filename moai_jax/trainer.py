@@ -36,6 +36,7 @@ from flax import nnx
 from moai_jax import distributed
 from moai_jax.accelerator import Accelerator
 from moai_jax.errors import DataError, FlavorError
+from moai_jax.models import context
 from moai_jax.models import lora as lora_lib
 from moai_jax.planner.plan import Plan
 from moai_jax.sharding.mesh import MeshShape, check_mesh, make_mesh
@@ -221,6 +222,8 @@ class Trainer:
                 raise DataError(f"a batch needs 'input_ids' (and optionally labels, segment_ids, positions); "
                                 f"got {', '.join(batch)}")
             batch.setdefault("labels", next_token_labels(np.asarray(batch["input_ids"])))
+        if self.plan.mesh.context > 1:  # each sequence reordered once, so the causal work splits evenly
+            batch = context.balanced_batch(batch, self.plan.mesh.context)
         missing = [k for k in self.example if k not in batch]
         if missing and self._keys_required:
             raise DataError(f"the batch lacks {', '.join(map(repr, missing))}, which the trainer was planned with "

@@ -9,6 +9,10 @@
 - "auto": cuDNN where it can run (NVIDIA GPU, 16-bit compute, head_dim a multiple of 8 up to 128),
   blockwise elsewhere.
 
+Under context parallelism (the sequence split over the `context` mesh axis) every implementation runs
+as blockwise over all-gathered keys and values (models/context.py): cuDNN's fused kernel in JAX refuses
+a sharded sequence.
+
 A token attends to itself and the earlier tokens of its own segment. Segment 0 (padding) is one
 more segment, so padding tokens attend among themselves and stay finite.
 
@@ -30,6 +34,8 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from moai_jax.errors import ModelConfigError
+from moai_jax.models import context as context_lib
+from moai_jax.sharding.annotate import active_mesh, mesh_axis
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "blockwise")
 _MASKED = -1e30
@@ -105,6 +111,10 @@ def attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, implementation: str, bl
                     None if alibi_slopes is None else tuple(alibi_slopes))
     if implementation == "cudnn" and softcap is not None:
         implementation = "blockwise"  # cuDNN cannot soft-cap scores
+    context_axis = mesh_axis("length", q_BTNH.shape[1])
+    if context_axis is not None:  # the sequence is split over devices: blockwise over gathered keys and values
+        return context_lib.context_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, mesh=active_mesh(),
+                                             axis=context_axis, block_size=block_size, scores=scores, window=window)
     if implementation == "blockwise":
         if segment_ids_BT is None:
             segment_ids_BT = jnp.zeros(q_BTNH.shape[:2], jnp.int32)
@@ -136,7 +146,7 @@ def _softcapped(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, scores: Scores, window):
     """Attention with whole [T, T] soft-capped scores (the "xla" implementation of Gemma 2)."""
     b, length, n, h = q_BTNH.shape
     segments_BT = jnp.zeros((b, length), jnp.int32) if segment_ids_BT is None else segment_ids_BT
-    q_BKGTH = _grouped(q_BTNH, k_BTKH.shape[2])
+    q_BKGTH = grouped(q_BTNH, k_BTKH.shape[2])
     s_BKGTS, visible = _scores(q_BKGTH, k_BTKH, segments_BT, segments_BT, 0, 0, scores, window)
     p_BKGTS = jax.nn.softmax(jnp.where(visible, s_BKGTS, _MASKED), axis=-1)
     out_BKGTH = jnp.einsum("bkgts,bskh->bkgth", p_BKGTS.astype(v_BTKH.dtype), v_BTKH)
@@ -158,14 +168,26 @@ def blockwise_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, block_size: i
     pad = ((0, 0), (0, padded - length), (0, 0), (0, 0))
     q_BSNH, k_BSKH, v_BSKH = jnp.pad(q_BTNH, pad), jnp.pad(k_BTKH, pad), jnp.pad(v_BTKH, pad)
     segments_BS = jnp.pad(segment_ids_BT, ((0, 0), (0, padded - length)), constant_values=-1)
-    q_BKGSH = _grouped(q_BSNH, num_kv_heads)
+    q_BKGSH = grouped(q_BSNH, num_kv_heads)
     scores = Scores(head_dim**-0.5) if scores is None else scores
-    out_BKGSH = _blockwise(q_BKGSH, k_BSKH, v_BSKH, segments_BS, window, block, scores)
+    out_BKGSH = blockwise_core(q_BKGSH, k_BSKH, v_BSKH, segments_BS, segments_BS, causal_pairs(padded // block),
+                               window=window, block=block, scores=scores)
     out_BSNH = jnp.moveaxis(out_BKGSH, 3, 1).reshape(batch, padded, num_heads, head_dim)
     return out_BSNH[:, :length]
 
 
-def _grouped(q_BTNH, num_kv_heads):
+def blockwise_core(q_BKGSH, k_BSKH, v_BSKH, query_segments_BS, key_segments_BS, pairs, *, window, block: int,
+                   scores: Scores):
+    """The blockwise kernel on grouped queries [B, K, G, Sq, H] and keys/values [B, Sk, K, H] (both
+    multiples of `block`): only the block `pairs` are computed, each (query block, its place in the
+    sequence, key block, its place) as four int32 [P] arrays (`causal_pairs`; under context parallelism
+    the local queries' pairs over the gathered keys, `models/context.py`). The causal mask, windows and
+    ALiBi use the places, so any order of blocks gives the same attention as one device."""
+    return _blockwise(q_BKGSH, k_BSKH, v_BSKH, query_segments_BS, key_segments_BS, window, pairs, block, scores)
+
+
+def grouped(q_BTNH, num_kv_heads):
+    """Queries [B, T, N, H] → [B, K, G, T, H]: the G query heads that share each of the K key/value heads."""
     b, t, n, h = q_BTNH.shape
     return jnp.moveaxis(q_BTNH.reshape(b, t, num_kv_heads, n // num_kv_heads, h), 1, 3)
 
@@ -191,10 +213,11 @@ def _query_unblocks(x_nBKGb):
     return x.reshape(*x.shape[:3], -1, *x.shape[5:])
 
 
-def _visible_pairs(num_blocks):
-    """(query block, key block) for every key block at or before its query block, row by row."""
+def causal_pairs(num_blocks: int):
+    """The visible pairs of `blockwise_core` in a sequence of `num_blocks` blocks in order: every key
+    block at or before its query block, row by row."""
     i, j = np.tril_indices(num_blocks)
-    return jnp.asarray(i, jnp.int32), jnp.asarray(j, jnp.int32)
+    return tuple(jnp.asarray(x, jnp.int32) for x in (i, i, j, j))
 
 
 def _at(x_n, i):
@@ -221,17 +244,17 @@ def _scores(q_BKGbH, k_BbKH, query_segments_Bb, key_segments_Bb, query_start, ke
     return s_BKGqk, visible_B11qk
 
 
-def _forward(q_BKGSH, k_BSKH, v_BSKH, segments_BS, window, block, scores):
+def _forward(q_BKGSH, k_BSKH, v_BSKH, query_segments_BS, key_segments_BS, window, pairs, block, scores):
     """Online softmax over the visible blocks → output [B, K, G, S, H] (q's dtype) and log-sum-exp [B, K, G, S]."""
     q_nBKGbH, k_nBbKH, v_nBbKH = _query_blocks(q_BKGSH, block), _blocks(k_BSKH, block), _blocks(v_BSKH, block)
-    segments_nBb = _blocks(segments_BS, block)
+    query_segments_nBb, key_segments_nBb = _blocks(query_segments_BS, block), _blocks(key_segments_BS, block)
 
     def step(carry, pair):
         m_nBKGb, l_nBKGb, acc_nBKGbH = carry
-        i, j = pair
+        i, query_place, j, key_place = pair
         v_BbKH = _at(v_nBbKH, j)
-        s_BKGqk, visible = _scores(_at(q_nBKGbH, i), _at(k_nBbKH, j), _at(segments_nBb, i), _at(segments_nBb, j),
-                                   i * block, j * block, scores, window)
+        s_BKGqk, visible = _scores(_at(q_nBKGbH, i), _at(k_nBbKH, j), _at(query_segments_nBb, i),
+                                   _at(key_segments_nBb, j), query_place * block, key_place * block, scores, window)
         s_BKGqk = jnp.where(visible, s_BKGqk, _MASKED)
         m_BKGb = _at(m_nBKGb, i)
         m_new = jnp.maximum(m_BKGb, s_BKGqk.max(-1))
@@ -245,37 +268,39 @@ def _forward(q_BKGSH, k_BSKH, v_BSKH, segments_BS, window, block, scores):
     shape = q_nBKGbH.shape[:-1]
     init = (jnp.full(shape, _MASKED, jnp.float32), jnp.zeros(shape, jnp.float32),
             jnp.zeros(q_nBKGbH.shape, jnp.float32))
-    (m_nBKGb, l_nBKGb, acc_nBKGbH), _ = jax.lax.scan(step, init, _visible_pairs(q_nBKGbH.shape[0]))
+    (m_nBKGb, l_nBKGb, acc_nBKGbH), _ = jax.lax.scan(step, init, pairs)
     out_BKGSH = _query_unblocks(acc_nBKGbH / l_nBKGb[..., None]).astype(q_BKGSH.dtype)
     return out_BKGSH, _query_unblocks(m_nBKGb + jnp.log(l_nBKGb))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _blockwise(q_BKGSH, k_BSKH, v_BSKH, segments_BS, window, block, scores):
-    return _forward(q_BKGSH, k_BSKH, v_BSKH, segments_BS, window, block, scores)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _blockwise(q_BKGSH, k_BSKH, v_BSKH, query_segments_BS, key_segments_BS, window, pairs, block, scores):
+    return _forward(q_BKGSH, k_BSKH, v_BSKH, query_segments_BS, key_segments_BS, window, pairs, block, scores)[0]
 
 
-def _blockwise_fwd(q_BKGSH, k_BSKH, v_BSKH, segments_BS, window, block, scores):
-    out_BKGSH, lse_BKGS = _forward(q_BKGSH, k_BSKH, v_BSKH, segments_BS, window, block, scores)
+def _blockwise_fwd(q_BKGSH, k_BSKH, v_BSKH, query_segments_BS, key_segments_BS, window, pairs, block, scores):
+    out_BKGSH, lse_BKGS = _forward(q_BKGSH, k_BSKH, v_BSKH, query_segments_BS, key_segments_BS, window, pairs, block,
+                                   scores)
     out_BKGSH, lse_BKGS = checkpoint_name(out_BKGSH, "attention"), checkpoint_name(lse_BKGS, "attention_lse")
-    return out_BKGSH, (q_BKGSH, k_BSKH, v_BSKH, segments_BS, window, out_BKGSH, lse_BKGS)
+    return out_BKGSH, (q_BKGSH, k_BSKH, v_BSKH, query_segments_BS, key_segments_BS, window, pairs, out_BKGSH,
+                       lse_BKGS)
 
 
 def _blockwise_bwd(block, scores, residuals, dout_BKGSH):
-    q_BKGSH, k_BSKH, v_BSKH, segments_BS, window, out_BKGSH, lse_BKGS = residuals
+    q_BKGSH, k_BSKH, v_BSKH, query_segments_BS, key_segments_BS, window, pairs, out_BKGSH, lse_BKGS = residuals
     dout_BKGSH = dout_BKGSH.astype(jnp.float32)
     delta_BKGS = (dout_BKGSH * out_BKGSH.astype(jnp.float32)).sum(-1)
     q_nBKGbH = _query_blocks(q_BKGSH.astype(jnp.float32), block)
     k_nBbKH, v_nBbKH = _blocks(k_BSKH.astype(jnp.float32), block), _blocks(v_BSKH.astype(jnp.float32), block)
     dout_nBKGbH, lse_nBKGb, delta_nBKGb = (_query_blocks(x, block) for x in (dout_BKGSH, lse_BKGS, delta_BKGS))
-    segments_nBb = _blocks(segments_BS, block)
+    query_segments_nBb, key_segments_nBb = _blocks(query_segments_BS, block), _blocks(key_segments_BS, block)
 
     def step(carry, pair):
         dq_nBKGbH, dk_nBbKH, dv_nBbKH = carry
-        i, j = pair
+        i, query_place, j, key_place = pair
         q_BKGbH, k_BbKH, v_BbKH, dout_BKGbH = _at(q_nBKGbH, i), _at(k_nBbKH, j), _at(v_nBbKH, j), _at(dout_nBKGbH, i)
-        s_BKGqk, visible = _scores(q_BKGbH, k_BbKH, _at(segments_nBb, i), _at(segments_nBb, j), i * block,
-                                   j * block, scores, window)
+        s_BKGqk, visible = _scores(q_BKGbH, k_BbKH, _at(query_segments_nBb, i), _at(key_segments_nBb, j),
+                                   query_place * block, key_place * block, scores, window)
         p_BKGqk = jnp.where(visible, jnp.exp(s_BKGqk - _at(lse_nBKGb, i)[..., None]), 0.0)
         dv_BbKH = jnp.einsum("bkgqs,bkgqh->bskh", p_BKGqk, dout_BKGbH)
         dp_BKGqk = jnp.einsum("bkgqh,bskh->bkgqs", dout_BKGbH, v_BbKH)
@@ -287,9 +312,9 @@ def _blockwise_bwd(block, scores, residuals, dout_BKGSH):
                 _put(dv_nBbKH, _at(dv_nBbKH, j) + dv_BbKH, j)), None
 
     init = (jnp.zeros_like(q_nBKGbH), jnp.zeros_like(k_nBbKH), jnp.zeros_like(v_nBbKH))
-    (dq_nBKGbH, dk_nBbKH, dv_nBbKH), _ = jax.lax.scan(step, init, _visible_pairs(q_nBKGbH.shape[0]))
+    (dq_nBKGbH, dk_nBbKH, dv_nBbKH), _ = jax.lax.scan(step, init, pairs)
     return (_query_unblocks(dq_nBKGbH).astype(q_BKGSH.dtype), _unblocks(dk_nBbKH).astype(k_BSKH.dtype),
-            _unblocks(dv_nBbKH).astype(v_BSKH.dtype), None, None)
+            _unblocks(dv_nBbKH).astype(v_BSKH.dtype), None, None, None, None)
 
 
 _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)

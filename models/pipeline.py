@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from moai_jax.errors import ModelConfigError
-from moai_jax.sharding.annotate import constrain, mesh_axis
+from moai_jax.sharding.annotate import constrain, mapped_over, mesh_axis
 
 
 def check_pipeline(num_layers: int, batch: int, stages: int, micro_batches: int) -> None:
@@ -73,7 +73,8 @@ def pipelined_layers(layer: Callable[..., jax.Array], layer_state: Any, x_BTE: j
 
     if remat_stage:
         run_stage = jax.checkpoint(run_stage, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
-    all_stages = jax.vmap(run_stage, spmd_axis_name=mesh_axis("layers", S))
+    stage_axis = mesh_axis("layers", S)
+    all_stages = jax.vmap(run_stage, spmd_axis_name=stage_axis)
 
     def tick(carry, t):
         held_SBTE, outputs_MBTE = carry
@@ -81,7 +82,8 @@ def pipelined_layers(layer: Callable[..., jax.Array], layer_state: Any, x_BTE: j
         held_SBTE = on_stages(held_SBTE.at[0].set(inputs_MBTE[jnp.minimum(t, M - 1)]))
         which_S = jnp.clip(t - jnp.arange(S), 0, M - 1)  # the micro-batch each stage holds
         extras_S = jax.tree.map(lambda a: on_stages(a[which_S]), extras_M)
-        y_SBTE = on_stages(all_stages(stage_state, held_SBTE, extras_S))
+        with mapped_over(stage_axis):  # a shard_map in a layer (context parallelism) is manual over stages too
+            y_SBTE = on_stages(all_stages(stage_state, held_SBTE, extras_S))
         # The last stage's output is micro-batch t − (S − 1); before it is real, index 0 is overwritten later.
         outputs_MBTE = jax.lax.dynamic_update_index_in_dim(outputs_MBTE, y_SBTE[S - 1], jnp.maximum(t - (S - 1), 0),
                                                            0)

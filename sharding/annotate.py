@@ -41,6 +41,34 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+_MAPPED: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("moai_jax_mapped_axes", default=())
+
+
+@contextlib.contextmanager
+def mapped_over(axis: str | tuple[str, ...] | None) -> Iterator[None]:
+    """Within this block, code runs under a `jax.vmap` whose `spmd_axis_name` is `axis` (a pipeline's
+    stages): a `jax.shard_map` inside must be manual over it too (`manual_axes`)."""
+    axes = () if axis is None else (axis,) if isinstance(axis, str) else tuple(axis)
+    token = _MAPPED.set(_MAPPED.get() + axes)
+    try:
+        yield
+    finally:
+        _MAPPED.reset(token)
+
+
+def manual_axes(*axes: str) -> set[str]:
+    """The mesh axes a `jax.shard_map` over `axes` must be manual over here: those, and any that an
+    enclosing vmap maps over the mesh (`mapped_over`)."""
+    return set(axes) | set(_MAPPED.get())
+
+
+def active_mesh() -> Mesh | None:
+    """The mesh of the active logical sharding (None outside one): for layers that run explicit
+    collectives in a `jax.shard_map` (context parallelism's all-gathered keys and values)."""
+    active = _ACTIVE.get()
+    return None if active is None else active[0]
+
+
 def mesh_axis(name: str, size: int) -> str | tuple[str, ...] | None:
     """The mesh axis (or axes) that a dimension of `size` named `name` is split over in the active
     logical sharding; None outside one or when it is not split."""
