@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -78,7 +79,6 @@ class JitStep:
         self.fixed = {"data": data, "fsdp": fsdp, "tensor": tensor}
         self.memory_fraction = memory_fraction
         self.plan: Plan | None = None
-        self.mesh = None
         self._compiled: dict[tuple, Compiled] = {}
 
     # -- a call --------------------------------------------------------------------------------------
@@ -116,7 +116,8 @@ class JitStep:
                 graphdef, state = nnx.split(values[a.name])
                 leaves, treedef = jax.tree.flatten(state)
                 if graphdef != a.graphdef or treedef != a.treedef:
-                    after = ["/".join([a.name, *key_parts(k)[:-1]]) for k, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
+                    flat = jax.tree_util.tree_flatten_with_path(state)[0]
+                    after = ["/".join([a.name, *key_parts(k)[:-1]]) for k, _ in flat]
                     raise ModelError(changed(a, after))
                 updated.append(leaves)
             return out, tuple(updated)
@@ -129,8 +130,6 @@ class JitStep:
 
     def _compile(self, call: Call, plan: Plan) -> tuple[Compiled, Any, Verified]:
         """Lower and compile `call` on the plan's mesh, on abstract inputs; shapes are checked first."""
-        import time
-
         start = time.perf_counter()
         self._check_rows(call, plan.mesh)
         mesh = make_mesh(plan.mesh, self.accelerator.devices[: plan.mesh.size])

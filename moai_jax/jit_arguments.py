@@ -69,14 +69,13 @@ def weak_of(x) -> bool:
 
 
 def key_parts(keypath) -> list[str]:
-    out = []
-    for k in keypath:
-        part = getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))
-        out.append(str(part))
-    return out
+    """A JAX key path as strings: dict keys, sequence indices, attribute names."""
+    return [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in keypath]
 
 
 def argument(name: str, value, batch_names: Iterable[str] | None) -> Argument:
+    """What the argument `name` is (module, batch or state), its leaves and their paths; a ModelError
+    for a leaf that is not an array."""
     if nnx.graph.is_graph_node(value):
         graphdef, state = nnx.split(value)
         flat, treedef = jax.tree_util.tree_flatten_with_path(state)
@@ -88,7 +87,8 @@ def argument(name: str, value, batch_names: Iterable[str] | None) -> Argument:
         paths = ["/".join([name, *key_parts(k)]) for k, _ in flat]
         leaves = tuple(x for _, x in flat)
         rows = {np.shape(x)[0] if np.ndim(x) else None for x in leaves}
-        is_batch = name in batch_names if batch_names is not None else bool(leaves) and None not in rows and len(rows) == 1
+        shared_rows = bool(leaves) and None not in rows and len(rows) == 1
+        is_batch = name in batch_names if batch_names is not None else shared_rows
         arg = Argument(name, "batch" if is_batch else "state", value, None, treedef, tuple(paths), leaves)
         if not is_batch:
             under = [p for p in paths if "params" in p.split("/")[1:]]
@@ -133,9 +133,12 @@ class Call:
 
     @property
     def key(self) -> tuple:
-        return tuple((a.name, a.kind, a.value if a.kind == "static" else (a.graphdef, a.treedef,
-                      tuple(s.shape for s in a.abstract()), tuple(str(s.dtype) for s in a.abstract()),
-                      tuple(s.weak_type for s in a.abstract()))) for a in self.args)
+        """What decides the compiled step: static values, tree structures, shapes and dtypes."""
+        def of(a: Argument):
+            if a.kind == "static":
+                return a.value
+            return a.graphdef, a.treedef, tuple((s.shape, str(s.dtype), s.weak_type) for s in a.abstract())
+        return tuple((a.name, a.kind, of(a)) for a in self.args)
 
     def dynamic(self) -> list[Argument]:
         return [a for a in self.args if a.kind != "static"]
@@ -189,6 +192,7 @@ class Call:
 
 
 def check_same(a: Argument, leaves) -> None:
+    """A ModelError where the step returns `a` with a leaf of another shape or dtype."""
     for path, x, y in zip(a.paths, a.leaves, leaves):
         if (np.shape(x), dtype_of(x)) != (y.shape, y.dtype):
             raise ModelError(f"the step returns argument {a.name!r} with {path} as {y.dtype}{list(y.shape)}, but it "
@@ -204,6 +208,7 @@ def looks_like(out, value) -> bool:
 
 
 def changed(a: Argument, after: Sequence[str]) -> str:
+    """The message for a step that returns `a` with other paths (`after`) than it received."""
     gone, new = [p for p in a.paths if p not in after], [p for p in after if p not in a.paths]
     shown = "; ".join(filter(None, [f"gone: {', '.join(gone[:3])}" if gone else "",
                                     f"new: {', '.join(new[:3])}" if new else ""])) or "its tree differs"

@@ -215,7 +215,8 @@ def test_step_returning_state_of_another_structure(acc):
         state, loss = ema_train_step(state, batch)
         return state.replace(ema_params={"dense1": state.ema_params["dense1"]}), loss
 
-    with pytest.raises(moai.ModelError, match=r"argument 'state' with another structure.*gone: state/ema_params/dense2"):
+    message = r"argument 'state' with another structure.*gone: state/ema_params/dense2"
+    with pytest.raises(moai.ModelError, match=message):
         acc.jit(forgets_ema)(ema_state(), batches()[0])
 
 
