@@ -4,6 +4,11 @@ Each program below is written as its tutorial writes it, without moai_jax; a tes
 `nnx.jit` / `jax.jit` on one device and once under `acc.jit` on eight, and compares the losses.
 """
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -15,7 +20,6 @@ from flax import nnx
 from flax.training import train_state
 
 import moai_jax as moai
-from moai_jax.checkpoint import Checkpoints
 
 STEPS = 10
 
@@ -54,12 +58,18 @@ def nnx_train_step(model, optimizer, batch):
     return loss
 
 
-def nnx_program(jit, hidden=256, seed=0):
+def tutorial_metrics():
+    return nnx.MultiMetric(accuracy=nnx.metrics.Accuracy(), loss=nnx.metrics.Average("loss"))
+
+
+def nnx_program(jit, hidden=256, seed=0, rows=slice(None)):
+    """`rows`: the rows of every global batch this process passes (all of them when it is alone)."""
     model = MLP(32, hidden, 8, rngs=nnx.Rngs(seed))
     optimizer = nnx.Optimizer(model, optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2)), wrt=nnx.Param)
-    metrics = nnx.MultiMetric(accuracy=nnx.metrics.Accuracy(), loss=nnx.metrics.Average("loss"))
+    metrics = tutorial_metrics()
     train_step = jit(tutorial_step)
-    losses = [float(train_step(model, optimizer, metrics, batch)) for batch in batches()]
+    losses = [float(train_step(model, optimizer, metrics, {k: v[rows] for k, v in batch.items()}))
+              for batch in batches()]
     return losses, model, optimizer, train_step, metrics.compute()
 
 
@@ -147,22 +157,17 @@ def test_nnx_tutorial_loop_matches_one_device_with_fsdp_shards(tutorial, capsys)
 
 
 def test_plan_is_printed_once(acc, capsys):
-    train_step = acc.jit(nnx_train_step, fsdp=8)
-    model = MLP(32, 256, 8, rngs=nnx.Rngs(0))
-    optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
-    for batch in batches(steps=2):
-        train_step(model, optimizer, batch)
+    *_, train_step, _ = nnx_program(lambda f: acc.jit(f, fsdp=8))  # the tutorial's step again: a cached compile
     assert capsys.readouterr().out.count(train_step.plan.summary()) == 1
 
 
 def test_train_state_with_ema_matches_one_device(acc):
     one, _, _ = ema_program(jax.jit)
-    eight, state, train_step = ema_program(acc.jit)
+    eight, state, _ = ema_program(lambda f: acc.jit(f, fsdp=8))
     np.testing.assert_allclose(eight, one, atol=1e-5)
-    assert train_step.plan.verified_bytes_per_device is not None
-    # the EMA weights and Adam's moments are placed as their parameters are
-    for tree in (state.ema_params, state.opt_state[0].mu):
-        assert tree["dense1"]["kernel"].sharding == state.params["dense1"]["kernel"].sharding
+    # the EMA weights and Adam's moments are split as their parameters are
+    for tree in (state.params, state.ema_params, state.opt_state[0].mu, state.opt_state[0].nu):
+        assert shard_fraction(tree["dense1"]["kernel"]) == 1 / 8
 
 
 def test_distillation_matches_one_device(acc):
@@ -185,6 +190,8 @@ def test_state_over_one_device_budget_gets_a_plan_that_fits():
 
 
 def test_state_restores_onto_another_flavor(tutorial, tmp_path):
+    from moai_jax.checkpoint import Checkpoints  # Orbax: imported where used (jit_processes.py imports this file)
+
     _, (_, model, optimizer, train_step, _) = tutorial
     with Checkpoints(tmp_path) as checkpoints:
         checkpoints.save_state(STEPS, {"model": model, "optimizer": optimizer}, plan=train_step.plan)
@@ -192,15 +199,15 @@ def test_state_restores_onto_another_flavor(tutorial, tmp_path):
     restored = MLP(32, 256, 8, rngs=nnx.Rngs(1))
     restored_optimizer = nnx.Optimizer(restored, optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2)),
                                        wrt=nnx.Param)
-    batch, metrics = batches()[0], lambda: nnx.MultiMetric(loss=nnx.metrics.Average("loss"))
-    four.place(restored, restored_optimizer, metrics(), batch)
+    batch = batches()[0]
+    four.place(restored, restored_optimizer, tutorial_metrics(), batch)
     with Checkpoints(tmp_path) as checkpoints:
         _, meta = checkpoints.restore_state({"model": restored, "optimizer": restored_optimizer})
     assert meta["plan"]["mesh"]["fsdp"] == 8
     assert shard_fraction(restored.linear1.kernel.get_value()) == 1 / 4
     # the next step on 4 devices is the next step on 8
-    assert float(four(restored, restored_optimizer, metrics(), batch)) == pytest.approx(
-        float(train_step(model, optimizer, metrics(), batch)), abs=1e-5)
+    assert float(four(restored, restored_optimizer, tutorial_metrics(), batch)) == pytest.approx(
+        float(train_step(model, optimizer, tutorial_metrics(), batch)), abs=1e-5)
 
 
 def test_batch_the_data_axes_do_not_divide(acc):
@@ -235,3 +242,14 @@ def test_each_process_passes_its_rows(monkeypatch):
     batch = argument("batch", batches(rows=4)[0], None)
     assert batch.kind == "batch"
     assert [s.shape for s in batch.abstract()] == [(8, 32), (8,)]
+
+
+def test_two_processes_each_passing_its_rows_match_one_device(tutorial):
+    """One short job of 2 processes × 4 devices (the launcher, gloo on this CPU): the same losses."""
+    (one, *_), _ = tutorial
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "MOAI_INIT_TIMEOUT": "60"}
+    run = subprocess.run([sys.executable, "-m", "moai_jax.launch", "--processes", "2", "--",
+                          str(Path(__file__).parent / "jit_processes.py")], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    np.testing.assert_allclose(json.loads(run.stdout.strip().splitlines()[-1]), one, atol=1e-5)
