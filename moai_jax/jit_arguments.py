@@ -102,23 +102,22 @@ def argument(name: str, value, batch_names: Iterable[str] | None) -> Argument:
 
 def followed(args: Sequence[Argument]) -> dict[str, str]:
     """Every non-parameter leaf of state → the parameter whose path ends its own, with the same shape."""
-    by_tail: dict[tuple, tuple[str, tuple]] = {}
+    by_tail: dict[tuple, dict[tuple, str]] = {}  # a parameter's path inside its model → {its shape: its path}
     for a in args:
         for path, (shape, _) in a.params.items():
             parts = path.split("/")[1:]
             tail = parts[parts.index("params") + 1:] if "params" in parts else parts
-            by_tail.setdefault(tuple(tail), (path, shape))
+            by_tail.setdefault(tuple(tail), {}).setdefault(tuple(shape), path)
     leaders = {}
     for a in args:
         for path, x in zip(a.paths, a.leaves):
             if a.kind == "batch" or path in a.params:
                 continue
             parts = path.split("/")
-            for i in range(1, len(parts)):
-                leader = by_tail.get(tuple(parts[i:]))
-                if leader is not None and leader[1] == tuple(np.shape(x)):
-                    leaders[path] = leader[0]
-                    break
+            leader = next((by_tail[tail][np.shape(x)] for tail in (tuple(parts[i:]) for i in range(1, len(parts)))
+                           if np.shape(x) in by_tail.get(tail, {})), None)
+            if leader is not None:
+                leaders[path] = leader
     return leaders
 
 
