@@ -15,6 +15,7 @@ start with the argument's name: `model/linear/kernel`, `state/params/Dense_0/ker
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -33,16 +34,39 @@ SCALARS = (bool, int, float, complex, np.ndarray, np.generic, jax.Array)
 
 @dataclasses.dataclass
 class Argument:
-    """One argument of a call: what kind it is and its leaves, each with its path and shape."""
+    """One argument of a call: what kind it is and its leaves; their paths and which are parameters only
+    when a step is compiled (they cost a walk of the model's graph)."""
 
     name: str
     kind: str  # "static", "module", "batch" or "state"
     value: Any
     graphdef: Any = None  # modules: the nnx GraphDef
     treedef: Any = None
-    paths: tuple[str, ...] = ()
     leaves: tuple = ()
-    params: dict[str, tuple] = dataclasses.field(default_factory=dict)  # path → (shape, logical names)
+    tree: Any = None  # what was flattened: the module's nnx State, or the pytree itself
+
+    @functools.cached_property
+    def paths(self) -> tuple[str, ...]:
+        flat = jax.tree_util.tree_flatten_with_path(self.tree)[0]
+        drop = 1 if self.kind == "module" else 0  # a module's last key is the Variable's value
+        return tuple("/".join([self.name, *key_parts(k)[:len(k) - drop]]) for k, _ in flat)
+
+    @functools.cached_property
+    def params(self) -> dict[str, tuple]:
+        """The parameters: path → (shape, logical names)."""
+        if self.kind == "module":
+            return {f"{self.name}/{p}": v for p, v in parameter_paths(nnx.state(self.value, nnx.Param)).items()}
+        if self.kind != "state":
+            return {}
+        under = [p for p in self.paths if "params" in p.split("/")[1:]]
+        return {p: (np.shape(x), PartitionSpec()) for p, x in zip(self.paths, self.leaves) if p in under or not under}
+
+    @property
+    def signature(self) -> tuple:
+        """What decides the compiled step: its structure, shapes and dtypes (or a static argument's value)."""
+        if self.kind == "static":
+            return self.value
+        return self.graphdef, self.treedef, tuple((np.shape(x), dtype_of(x), weak_of(x)) for x in self.leaves)
 
     def abstract(self, shardings=None) -> list[jax.ShapeDtypeStruct]:
         """The leaves' global shapes: a batch's rows are this process's, the rows of every process make it."""
@@ -74,29 +98,23 @@ def key_parts(keypath) -> list[str]:
 
 
 def argument(name: str, value, batch_names: Iterable[str] | None) -> Argument:
-    """What the argument `name` is (module, batch or state), its leaves and their paths; a ModelError
-    for a leaf that is not an array."""
+    """What the argument `name` is (module, batch or state) and its leaves; a ModelError for a leaf that is
+    not an array."""
     if nnx.graph.is_graph_node(value):
         graphdef, state = nnx.split(value)
-        flat, treedef = jax.tree_util.tree_flatten_with_path(state)
-        paths = ["/".join([name, *key_parts(k)[:-1]]) for k, _ in flat]  # the last key is the Variable's value
-        params = {f"{name}/{p}": v for p, v in parameter_paths(nnx.state(value, nnx.Param)).items()}
-        arg = Argument(name, "module", value, graphdef, treedef, tuple(paths), tuple(x for _, x in flat), params)
+        leaves, treedef = jax.tree.flatten(state)
+        arg = Argument(name, "module", value, graphdef, treedef, tuple(leaves), state)
     else:
-        flat, treedef = jax.tree_util.tree_flatten_with_path(value)
-        paths = ["/".join([name, *key_parts(k)]) for k, _ in flat]
-        leaves = tuple(x for _, x in flat)
+        leaves, treedef = jax.tree.flatten(value)
         rows = {np.shape(x)[0] if np.ndim(x) else None for x in leaves}
         shared_rows = bool(leaves) and None not in rows and len(rows) == 1
         is_batch = name in batch_names if batch_names is not None else shared_rows
-        arg = Argument(name, "batch" if is_batch else "state", value, None, treedef, tuple(paths), leaves)
-        if not is_batch:
-            under = [p for p in paths if "params" in p.split("/")[1:]]
-            arg.params = {p: (np.shape(x), PartitionSpec()) for p, x in zip(paths, leaves) if p in under or not under}
-    for path, x in zip(arg.paths, arg.leaves):
-        if not isinstance(x, SCALARS):
-            raise ModelError(f"argument {name!r} holds a {type(x).__name__} at {path}, where the step needs an array: "
-                             f"make it an array (jnp.asarray), or name {name!r} in static_argnames")
+        arg = Argument(name, "batch" if is_batch else "state", value, None, treedef, tuple(leaves), value)
+    wrong = next((i for i, x in enumerate(arg.leaves) if not isinstance(x, SCALARS)), None)
+    if wrong is not None:
+        raise ModelError(f"argument {name!r} holds a {type(arg.leaves[wrong]).__name__} at {arg.paths[wrong]}, where "
+                         f"the step needs an array: make it an array (jnp.asarray), or name {name!r} in "
+                         f"static_argnames")
     return arg
 
 
@@ -133,11 +151,7 @@ class Call:
     @property
     def key(self) -> tuple:
         """What decides the compiled step: static values, tree structures, shapes and dtypes."""
-        def of(a: Argument):
-            if a.kind == "static":
-                return a.value
-            return a.graphdef, a.treedef, tuple((s.shape, str(s.dtype), s.weak_type) for s in a.abstract())
-        return tuple((a.name, a.kind, of(a)) for a in self.args)
+        return tuple((a.name, a.kind, a.signature) for a in self.args)
 
     def dynamic(self) -> list[Argument]:
         return [a for a in self.args if a.kind != "static"]
