@@ -1,11 +1,10 @@
-"""Training checkpoints: save, keep the last few, restore onto any flavor; export to Hugging Face format.
+"""Training checkpoints: save, keep the last few, restore onto any flavor (export: moai_jax/export.py).
 
     checkpoints = Checkpoints("runs/ckpt", keep=3)             # CheckpointError if it cannot be written
     checkpoints.save(trainer, step, data_position=batches.position, seed=0)   # async: training goes on
     saved = checkpoints.restore(trainer)                       # latest complete one, onto trainer's plan
     batches = Batches(data, 32, position=saved["data_position"])
     checkpoints.close()                                        # waits for the last save
-    export("runs/ckpt", "runs/model")                          # config.json + safetensors + tokenizer
 
 A checkpoint is one Orbax step folder with three items: `params` (the model's parameters),
 `train` (optimizer state, step counter, the model's non-parameter state such as random streams) and
@@ -13,7 +12,10 @@ A checkpoint is one Orbax step folder with three items: `params` (the model's pa
 Under LoRA the parameters are the adapters, and the frozen base is not saved: the metadata names it
 (model config, the run's model_name_or_path and seed) and a resumed run loads it again.
 Orbax writes each save into a temporary folder and renames it when complete, so a crash mid-save
-leaves the previous checkpoints whole; the stale temporary folder is removed on the next start.
+leaves the previous checkpoints whole; the stale temporary folder is removed on the next start. A save
+that fails (a full disk) is reported in the main thread as one CheckpointError naming the last intact
+checkpoint, and its half-written folder is removed. A damaged checkpoint (files truncated) is skipped:
+the latest step is the newest one that reads, and a resuming run moves the damaged one aside.
 
 Restoring reads every array straight onto the shards of the *restoring* trainer's plan (abstract
 arrays carrying the target shardings): a run saved on 8 devices resumes on 1 or 16 without the
@@ -25,6 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -34,6 +38,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from moai_jax.checkpoint_faults import (Damaged, disk_full, ignore_closed_event_loop, join_new_threads, same_shapes,
+                                       short)
 from moai_jax.errors import CheckpointError
 from moai_jax.models import lora as lora_lib
 from moai_jax.train import TrainState
@@ -91,6 +97,13 @@ class Checkpoints:
     def __init__(self, directory: str | Path, *, keep: int | None = 3, writable: bool = True):
         self.directory = Path(directory).absolute()
         self.writable = writable
+        self.skipped: list[str] = []  # one line per damaged checkpoint passed over, for the user
+        self._metadata: dict[int, dict] = {}  # step -> metadata, of the checkpoints known to read
+        self._damaged: set[int] = set()
+        self._in_flight: int | None = None  # the step being written in the background
+        self._failed = False
+        self._threads_before_save: set[threading.Thread] = set()
+        ignore_closed_event_loop()
         if keep is not None and keep < 1:
             raise CheckpointError(f"--keep must be at least 1, not {keep}")
         if writable:
@@ -105,39 +118,74 @@ class Checkpoints:
     # -- reading ---------------------------------------------------------------------------------
     def steps(self) -> list[int]:
         """Steps of the complete checkpoints, oldest first (a save cut short by a crash is not one)."""
-        return sorted(self._manager.all_steps())
+        return sorted(s for s in self._manager.all_steps() if s not in self._damaged)
 
     def latest_step(self) -> int | None:
-        return self._manager.latest_step()
+        steps = self.steps()
+        return steps[-1] if steps else None
 
     def _step_or_latest(self, step: int | None) -> int:
+        """`step`, or the newest checkpoint that reads (passing over damaged ones, each noted in `skipped`)."""
         steps = self.steps()
-        if not steps and self.writable:  # a run resuming
+        if not steps and not self._damaged and self.writable:  # a run resuming
             raise CheckpointError(f"no checkpoint in {self.directory} to resume from; run without --resume to "
                                   "start fresh, or pass the --checkpoint-dir of an earlier run")
-        if not steps:  # reading a run's checkpoints: export, generation
+        if not steps and not self._damaged:  # reading a run's checkpoints: export, generation
             raise CheckpointError(f"no checkpoint in {self.directory}; pass the --checkpoint-dir of a finetune.py "
                                   "run that saved one (it saves every --save-steps steps and at the end)")
-        if step is None:
-            return steps[-1]
-        if step not in steps:
-            raise CheckpointError(f"no checkpoint of step {step} in {self.directory}; it holds steps "
-                                  f"{', '.join(map(str, steps))}")
-        return step
+        if step is not None:
+            if step not in steps:
+                raise CheckpointError(f"no intact checkpoint of step {step} in {self.directory}; it holds steps "
+                                      f"{', '.join(map(str, steps)) or 'none that read'}")
+            return step
+        for step in reversed(steps):
+            try:
+                self._read(step)
+                return step
+            except Damaged as e:
+                self._set_aside(step, str(e))
+        raise CheckpointError(f"every checkpoint in {self.directory} is damaged ({'; '.join(self.skipped)}); "
+                              "run without --resume to start fresh, or pass another --checkpoint-dir")
+
+    def _read(self, step: int) -> dict:
+        """A checkpoint's metadata, after checking that its arrays' index reads too; Damaged if either does not."""
+        if step not in self._metadata:
+            try:
+                meta = self._manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
+            except Exception as e:  # noqa: BLE001 - Orbax raises many kinds for a damaged folder
+                raise Damaged(f"its metadata cannot be read: {short(e)}") from None
+            if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+                raise CheckpointError(f"checkpoint of step {step} in {self.directory} was not written by this "
+                                      "version of moai_jax")
+            try:
+                self._manager.item_metadata(step)  # the arrays' shapes, dtypes and files
+            except Exception as e:  # noqa: BLE001
+                raise Damaged(f"its arrays cannot be read: {short(e)}") from None
+            self._metadata[step] = meta
+        return self._metadata[step]
+
+    def _set_aside(self, step: int, reason: str) -> None:
+        """Pass over damaged checkpoint `step`; a resuming run renames its folder, so it can save that step again."""
+        self._damaged.add(step)
+        self._metadata.pop(step, None)
+        note = f"skipped the checkpoint of step {step} in {self.directory}: it is damaged ({reason})"
+        folder = self.directory / str(step)
+        if self.writable and jax.process_index() == 0 and folder.is_dir():
+            aside = self.directory / f"damaged-{step}-{uuid.uuid4().hex[:6]}"
+            folder.rename(aside)
+            note += f"; moved it to {aside}"
+        if self.writable:
+            self._manager.reload()
+        self.skipped.append(note)
 
     def metadata(self, step: int | None = None) -> dict:
-        """The JSON metadata of a checkpoint (the latest by default): step, data position, plan, model..."""
+        """The JSON metadata of a checkpoint (the newest that reads by default): step, data position, plan, model..."""
         step = self._step_or_latest(step)
         try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
-        except Exception as e:  # noqa: BLE001 - Orbax raises many kinds for a damaged folder
-            raise CheckpointError(f"checkpoint of step {step} in {self.directory} has no readable metadata "
-                                  f"({type(e).__name__}); it was not written by moai_jax") from None
-        meta = restored["metadata"]
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise CheckpointError(f"checkpoint of step {step} in {self.directory} was not written by this "
-                                  "version of moai_jax")
-        return meta
+            return self._read(step)
+        except Damaged as e:
+            raise CheckpointError(f"checkpoint of step {step} in {self.directory} is damaged ({e}); pass another "
+                                  "--step, or none for the newest intact one") from None
 
     def check_model(self, config: Any, step: int | None = None) -> dict:
         """The checkpoint's metadata, or a CheckpointError when it holds a model other than `config`."""
@@ -152,9 +200,10 @@ class Checkpoints:
         return meta
 
     def restore(self, trainer, step: int | None = None) -> dict:
-        """Load a checkpoint (the latest by default) into `trainer.state`, each array straight onto the
-        shards of the trainer's own plan; the trainer's current arrays are freed first, so the devices
-        never hold two copies. Returns the checkpoint's metadata."""
+        """Load a checkpoint (the newest intact one by default) into `trainer.state`, each array straight
+        onto the shards of the trainer's own plan; the trainer's current arrays are freed first, so the
+        devices never hold two copies. Returns the checkpoint's metadata."""
+        latest = step is None
         step = self._step_or_latest(step)
         meta = self.check_model(trainer.config, step)
         self._check_lora(meta, trainer.lora, step)
@@ -169,12 +218,21 @@ class Checkpoints:
             if isinstance(array, jax.Array):
                 array.delete()
         trainer.state = None
-        try:
-            restored = self._manager.restore(step, args=args)
-        except Exception as e:  # noqa: BLE001
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise CheckpointError(f"checkpoint of step {step} in {self.directory} does not fit this model and "
-                                  f"optimizer ({type(e).__name__}: {first[:200]})") from None
+        while True:
+            try:
+                restored = self._manager.restore(step, args=args)
+                break
+            except Exception as e:  # noqa: BLE001
+                if not same_shapes(self._manager, step, args):
+                    raise CheckpointError(f"checkpoint of step {step} in {self.directory} does not fit this model and "
+                                          f"optimizer ({short(e)})") from None
+                if not latest:
+                    raise CheckpointError(f"checkpoint of step {step} in {self.directory} is damaged ({short(e)}); "
+                                          "pass another --step, or none for the newest intact one") from None
+                self._set_aside(step, f"its arrays cannot be read: {short(e)}")
+                step = self._step_or_latest(None)
+                meta = self.check_model(trainer.config, step)
+                self._check_lora(meta, trainer.lora, step)
         train = restored["train"]
         trainer.state = TrainState(params=restored["params"], opt_state=train["opt_state"], step=train["step"])
         trainer._rest = lora_lib.join(base, train["rest"])
@@ -199,10 +257,7 @@ class Checkpoints:
                 "plan": None if plan is None else plan.to_dict(), "model_config": None, "run": {}}
         args = ocp.args.Composite(train=ocp.args.PyTreeSave({k: _nested(v) for k, v in state.items()}),
                                   metadata=ocp.args.JsonSave(_json(meta)))
-        try:
-            return self._manager.save(int(step), args=args, force=force)
-        except OSError as e:
-            raise CheckpointError(f"cannot write checkpoint {step} to {self.directory}: {e.strerror or e}") from None
+        return self._start_save(int(step), args, force)
 
     def restore_state(self, state: dict, step: int | None = None) -> tuple[dict, dict]:
         """Read a `save_state` checkpoint (the latest by default) into `state`, each array straight onto
@@ -242,25 +297,56 @@ class Checkpoints:
             params=ocp.args.PyTreeSave(state.params),
             train=ocp.args.PyTreeSave({"opt_state": state.opt_state, "step": state.step, "rest": rest}),
             metadata=ocp.args.JsonSave(_json(meta)))
+        return self._start_save(int(step), args, force)
+
+    def _start_save(self, step: int, args: ocp.args.Composite, force: bool) -> bool:
+        self.wait()  # a failure of the previous save is reported as that step's
+        self._threads_before_save = set(threading.enumerate())
         try:
-            return self._manager.save(int(step), args=args, force=force)
-        except OSError as e:
-            raise CheckpointError(f"cannot write checkpoint {step} to {self.directory}: {e.strerror or e}") from None
+            saved = self._manager.save(step, args=args, force=force)
+        except Exception as e:  # noqa: BLE001
+            raise self._save_failed(step, e) from None
+        self._in_flight = step if saved else None
+        return saved
 
     def wait(self) -> None:
         """Block until the save in flight, if any, is complete on disk."""
+        step, self._in_flight = self._in_flight, None
         try:
             self._manager.wait_until_finished()
-        except OSError as e:
-            raise CheckpointError(f"a checkpoint save to {self.directory} failed: {e.strerror or e}") from None
+        except Exception as e:  # noqa: BLE001 - Orbax re-raises its background thread's error, often a ValueError
+            raise self._save_failed(step, e) from None
+
+    def _save_failed(self, step: int | None, error: Exception) -> Exception:
+        """The error to raise for a failed save (a bug's error as it is); its half-written folder is removed."""
+        self._failed = True
+        join_new_threads(self._threads_before_save)  # some still write after Orbax reports the failure
+        if step is not None and jax.process_index() == 0:
+            for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+                shutil.rmtree(partial, ignore_errors=True)
+        if not (isinstance(error, OSError) or disk_full(error)):
+            return error
+        steps = [s for s in self._manager.all_steps(read=True) if s != step]
+        last = (f"the last intact checkpoint is step {steps[-1]} ({self.directory / str(steps[-1])}), which "
+                "--resume continues from" if steps else "no checkpoint was saved before it")
+        what = "a checkpoint" if step is None else f"the checkpoint of step {step}"
+        if disk_full(error):
+            return CheckpointError(f"the disk is full: {what} could not be written to {self.directory}; {last}; "
+                                   "free space there or pass another --checkpoint-dir")
+        return CheckpointError(f"{what} could not be written to {self.directory} ({error.strerror or error}); {last}")
 
     def close(self) -> None:
         """Wait for the last save, then release the manager."""
-        self.wait()
+        if not self._failed:
+            self.wait()
         # Orbax removes half-written saves in a thread started at open, and its close() does not wait
         # for it: a process that exits first would print that thread's traceback at shutdown.
         getattr(self._manager, "_maybe_await_cleanup_tmp_directory", lambda: None)()
-        self._manager.close()
+        try:
+            self._manager.close()
+        except Exception:  # noqa: BLE001 - after a failed save, closing re-raises its error, already reported
+            if not self._failed:
+                raise
 
     def __enter__(self) -> Checkpoints:
         return self
@@ -342,51 +428,3 @@ def load_base(meta: dict, lora: lora_lib.LoraConfig):
     else:
         base = Decoder(ModelConfig(**meta["model_config"]), rngs=nnx.Rngs(meta.get("seed") or 0))
     return lora_lib.apply_lora(base, lora)
-
-
-def write_model(model: Any, out: str | Path, *, lora: lora_lib.LoraConfig | None = None, merge: bool = False,
-                base_model_name_or_path: str | None = None, dtype: str | None = None) -> Path:
-    """Write a model as a Hugging Face folder; a LoRA model as a PEFT adapter folder, or merged into
-    its base (a full model) with `merge`."""
-    from moai_jax.models import save_pretrained
-    from moai_jax.models.peft import save_adapters
-
-    out = Path(out)
-    try:
-        if lora is not None and not merge:
-            save_adapters(model, out, lora, base_model_name_or_path)
-        else:
-            save_pretrained(lora_lib.merge(model) if lora is not None else model, out, dtype=dtype)
-    except OSError as e:
-        raise CheckpointError(f"cannot write the model to {out} ({e.strerror or e}); pass a writable "
-                              "--save-model-dir") from None
-    return out
-
-
-def export(checkpoint_dir: str | Path, save_model_dir: str | Path, *, step: int | None = None,
-           dtype: str | None = None, tokenizer: Any = None, merge_lora: bool = False) -> Path:
-    """Write a checkpoint's model (the latest by default) in Hugging Face format: config.json,
-    safetensors (gathered to the host one tensor at a time) and, when the run's tokenizer can be
-    found (or `tokenizer` is given) and can save itself, its files. A LoRA checkpoint gives a PEFT
-    adapter folder, or with `merge_lora` the base with the adapters merged in."""
-    from flax import nnx
-
-    model, meta = load_model(checkpoint_dir, step)
-    lora = (meta.get("plan") or {}).get("lora")
-    lora = None if lora is None else lora_lib.LoraConfig(**lora)
-    if merge_lora and lora is None:
-        raise CheckpointError(f"--merge-lora needs a LoRA checkpoint; {checkpoint_dir} holds a full model, which "
-                              "exports as it is")
-    source = (meta.get("run") or {}).get("model_name_or_path")
-    if merge_lora:
-        adapters = nnx.state(model, nnx.Param)
-        model = load_base(meta, lora)
-        nnx.update(model, adapters)
-    out = write_model(model, save_model_dir, lora=lora, merge=merge_lora, base_model_name_or_path=source,
-                      dtype=dtype)
-    if tokenizer is None and source is not None:
-        from moai_jax.data import load_tokenizer_for
-        tokenizer = load_tokenizer_for(source)
-    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-        tokenizer.save_pretrained(str(out))
-    return out

@@ -14,7 +14,7 @@ def learning_rate_schedule(peak: float, total_steps: int, *, warmup_steps: int |
     if decay not in SCHEDULES:
         raise ValueError(f"unknown learning-rate decay {decay!r}; choose one of {', '.join(SCHEDULES)}")
     total_steps = max(int(total_steps), 1)
-    warmup = min(max(int(0.03 * total_steps), 1) if warmup_steps is None else warmup_steps, total_steps)
+    warmup = warmup_length(total_steps, warmup_steps)
     rest = max(total_steps - warmup, 1)
     after = {
         "cosine": optax.cosine_decay_schedule(peak, rest, alpha=0.1),
@@ -22,6 +22,12 @@ def learning_rate_schedule(peak: float, total_steps: int, *, warmup_steps: int |
         "constant": optax.constant_schedule(peak),
     }[decay]
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+
+
+def warmup_length(total_steps: int, warmup_steps: int | None = None) -> int:
+    """The warmup steps of a run of `total_steps`: `warmup_steps`, by default 3% of the run (at least one)."""
+    total_steps = max(int(total_steps), 1)
+    return min(max(int(0.03 * total_steps), 1) if warmup_steps is None else warmup_steps, total_steps)
 
 
 def _decays(params):

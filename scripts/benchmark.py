@@ -86,11 +86,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # -- moai_jax --------------------------------------------------------------------------------------
-def peak_flops(hardware, dtype: str) -> float:
-    """Peak FLOP/s of one device for the compute dtype (the profile's figure is bf16, float32 for CPU)."""
+def peak_flops(hardware, dtype: str, devices: int = 1) -> float:
+    """Peak FLOP/s of `devices` devices for the compute dtype (the profile's figure is bf16). On a CPU,
+    this machine's measured float32 peak, which simulated devices share (moai_jax/cpu_peak.py)."""
+    if hardware.name == "cpu":
+        from moai_jax.cpu_peak import machine_peak_flops
+
+        return machine_peak_flops()[0]
     if dtype == "float32" and hardware.name in FLOAT32_PEAK:
-        return FLOAT32_PEAK[hardware.name]
-    return hardware.peak_flops
+        return devices * FLOAT32_PEAK[hardware.name]
+    return devices * hardware.peak_flops
 
 
 def measured_peak_bytes(devices) -> int | None:
@@ -151,7 +156,7 @@ def jax_benchmark(args, config) -> dict:
         "hardware": hardware.name, "dtype": dtype, "remat": trainer.plan.remat, "plan": trainer.plan.summary(),
         "attention": resolve(args.attention, jnp.dtype(dtype), config.head_dim),
         "compile_seconds": compile_seconds, "step_seconds": step_seconds, "tokens_per_sec": tokens_per_sec,
-        "mfu": flops_per_token(config, args.block_size) * tokens_per_sec / (flavor * peak_flops(hardware, dtype)),
+        "mfu": flops_per_token(config, args.block_size) * tokens_per_sec / peak_flops(hardware, dtype, flavor),
         "compiled_bytes_per_device": compiled_bytes, "measured_peak_bytes": measured_peak_bytes(jax.local_devices()),
         "final_loss": float(metrics["loss"]),
     }
@@ -422,6 +427,12 @@ def report(out: dict) -> str:
         lines.append(f"Machine: {machine}. PyTorch runs on ONE device; moai_jax on the "
                      f"flavor's devices (simulated ones share the host's cores). MFU = flops_per_token × tokens/s / "
                      f"(devices × peak FLOP/s for the dtype).")
+        if any((r.get("moai_jax") or {}).get("hardware") == "cpu" for r in out["results"]):
+            from moai_jax.cpu_peak import machine_peak_flops
+
+            flops, how = machine_peak_flops()
+            lines.append(f"On a CPU the peak is this machine's, shared by simulated devices: {flops / 1e9:.1f} "
+                         f"GFLOP/s, {how}.")
     return "\n".join(lines)
 
 

@@ -28,17 +28,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from absl import logging as absl_logging
+    from moai_jax.cli import run_script
 
-    from moai_jax.checkpoint import export
-    absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax's notes about opening a folder read-only
-    from moai_jax.errors import MoaiError, report_error
+    return run_script(run, args)
 
-    try:
-        out = export(args.checkpoint_dir, args.save_model_dir, step=args.step, dtype=args.dtype,
-                     merge_lora=args.merge_lora)
-    except MoaiError as e:
-        return report_error(e)
+
+def run(args: argparse.Namespace) -> int:
+    from moai_jax.export import export
+
+    out = export(args.checkpoint_dir, args.save_model_dir, step=args.step, dtype=args.dtype, merge_lora=args.merge_lora)
     print(f"Model: {out}")
     return 0
 

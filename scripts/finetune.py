@@ -35,7 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=1, help="passes over the data set (default 1)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (default: all epochs)")
     p.add_argument("--lr", type=float, default=None,
-                   help="peak learning rate (default 1e-5 for a pretrained model, 3e-3 for a preset's random weights)")
+                   help="peak learning rate (default: 2e-4 with --use-lora, else 1e-5 for a pretrained model and "
+                        "3e-3 for a preset's random weights)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     p.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps (default 3%% of the steps)")
     p.add_argument("--log-interval", type=int, default=1, help="print the step line every N steps (default 1)")
@@ -89,12 +90,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from moai_jax.errors import MoaiError, report_error
+    from moai_jax.cli import run_script
 
-    try:
-        return run(args)
-    except MoaiError as e:
-        return report_error(e)
+    return run_script(run, args)
 
 
 def check_settings(args: argparse.Namespace) -> None:
@@ -157,11 +155,11 @@ def train(args: argparse.Namespace, flavor: int, checkpoints, metrics_file) -> i
 
     from moai_jax import data
     from moai_jax.accelerator import Accelerator
-    from moai_jax.checkpoint import check_writable, write_model
+    from moai_jax.checkpoint import check_writable
     from moai_jax.errors import SettingError
     from moai_jax.generation import SamplePrompts
     from moai_jax.metrics import StepTimer, step_line, summary
-    from moai_jax.optimizer import adamw, learning_rate_schedule
+    from moai_jax.optimizer import adamw, learning_rate_schedule, warmup_length
     from moai_jax.trainer import Trainer
 
     if args.save_model_dir:
@@ -192,7 +190,7 @@ def train(args: argparse.Namespace, flavor: int, checkpoints, metrics_file) -> i
     total = min(batches.steps, args.max_steps or batches.steps)
     if args.warmup_steps is not None and args.warmup_steps > total:
         raise SettingError(f"--warmup-steps {args.warmup_steps} is beyond the run's {total} steps; use at most {total}")
-    lr = args.lr if args.lr is not None else (1e-5 if pretrained else 3e-3)
+    lr, lr_source = (args.lr, "--lr") if args.lr is not None else default_learning_rate(pretrained, args.lora)
     schedule = learning_rate_schedule(lr, total, warmup_steps=args.warmup_steps)
     optimizer = adamw(schedule, weight_decay=args.weight_decay)
     learning_rates = jax.device_get(jax.vmap(schedule)(jnp.arange(total)))  # once, not a device call per step
@@ -207,6 +205,9 @@ def train(args: argparse.Namespace, flavor: int, checkpoints, metrics_file) -> i
         print(trainer.autotune_report)
     where = f"{flavor} simulated CPU devices" if accelerator.simulated else f"{flavor} {accelerator.platform} device(s)"
     print(f"moai_jax: {config.model_type} {args.model_name_or_path} on {where}: {trainer.plan.summary()}")
+    warmup = warmup_length(total, args.warmup_steps)
+    print(f"Optimizer: AdamW, peak learning rate {lr:g} ({lr_source}), {warmup} warmup step{'s' * (warmup != 1)}, "
+          f"then cosine decay to {0.1 * lr:g}")
     print(f"Data: {len(dataset.train)} training rows of {args.block_size} tokens, packing efficiency "
           f"{dataset.packing_efficiency:.1%}, {total} steps")
     if dataset.dropped:
@@ -214,6 +215,8 @@ def train(args: argparse.Namespace, flavor: int, checkpoints, metrics_file) -> i
     start = 0
     if args.resume:
         saved = checkpoints.restore(trainer)
+        for note in checkpoints.skipped:  # damaged checkpoints passed over
+            print(f"Resume: {note}")
         start = saved["step"]
         batches = data.Batches(dataset, args.batch_size, seed=args.seed, epochs=args.epochs, position=saved["data_position"],
                                process_index=jax.process_index(), process_count=jax.process_count())
@@ -256,13 +259,39 @@ def train(args: argparse.Namespace, flavor: int, checkpoints, metrics_file) -> i
         samples.show(trainer.model, trainer.mesh, "end")
 
     if args.save_model_dir:
-        # every process gathers, process 0 writes
-        write_model(trainer.model, args.save_model_dir, lora=args.lora, merge=args.merge_lora,
-                    base_model_name_or_path=args.model_name_or_path)
-        if jax.process_index() == 0:
-            tokenizer.save_pretrained(args.save_model_dir)
+        save_model(trainer.model, tokenizer, args, checkpoints)
+    if checkpoints:
+        checkpoints.wait()  # the last save's failure, if any, before the summary
     print(summary(len(rates), len(rates) * args.batch_size * args.block_size, rates, final_loss, args.save_model_dir))
     return 0
+
+
+def default_learning_rate(pretrained: bool, lora) -> tuple[float, str]:
+    """The peak learning rate when --lr is not given, and why: LoRA adapters start at zero and need a
+    rate some 10x a full fine-tune's (PEFT's examples and the QLoRA paper use 1e-4 to 2e-4)."""
+    if lora is not None:
+        return 2e-4, "the LoRA default; --lr to change"
+    if pretrained:
+        return 1e-5, "the default for a pretrained model; --lr to change"
+    return 3e-3, "the default for a preset's random weights; --lr to change"
+
+
+def save_model(model, tokenizer, args: argparse.Namespace, checkpoints) -> None:
+    """Write the trained model to --save-model-dir (every process gathers, process 0 writes); when that
+    fails and checkpoints are on, the error names the checkpoint to export the same weights from."""
+    from moai_jax.errors import CheckpointError
+    from moai_jax.export import write_model
+
+    try:
+        write_model(model, args.save_model_dir, lora=args.lora, merge=args.merge_lora,
+                    base_model_name_or_path=args.model_name_or_path, tokenizer=tokenizer)
+    except CheckpointError as e:
+        if checkpoints is None:
+            raise
+        checkpoints.wait()  # the last step's save, started just before
+        raise CheckpointError(f"{e}; the trained weights are in the checkpoint of step {checkpoints.latest_step()}: "
+                              f"python scripts/export.py --checkpoint-dir {checkpoints.directory} --save-model-dir "
+                              f"{args.save_model_dir}") from None
 
 
 def open_checkpoints(args: argparse.Namespace):

@@ -45,12 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from moai_jax.errors import MoaiError, report_error
+    from moai_jax.cli import run_script
 
-    try:
-        return run(args)
-    except MoaiError as e:
-        return report_error(e)
+    return run_script(run, args)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -101,10 +98,8 @@ def model_config(args: argparse.Namespace):
 
     if args.checkpoint_dir is None:
         return config_of(args.model_name_or_path), args.model_name_or_path
-    from absl import logging as absl_logging
-
     from moai_jax.checkpoint import Checkpoints
-    absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax's notes about opening a folder read-only
+
     with Checkpoints(args.checkpoint_dir, keep=None, writable=False) as checkpoints:
         if args.model_name_or_path is not None:
             checkpoints.check_model(config_of(args.model_name_or_path), args.step)

@@ -23,8 +23,9 @@ from flax import nnx
 
 from moai_jax.accelerator import Accelerator, Hardware
 from moai_jax.errors import FlavorError, NoPlanFits
-from moai_jax.planner.candidates import Fixed, batch_split_error
+from moai_jax.planner.candidates import Candidate, Fixed, batch_split_error
 from moai_jax.planner.plan import Plan
+from moai_jax.planner.search import Scored
 from moai_jax.planner.time_model import MICRO_BATCH_OVERHEAD, OVERLAP, PEAK_EFFICIENCY, split_efficiency
 from moai_jax.sharding.infer import origins, parameter_paths, parameter_specs
 from moai_jax.sharding.mesh import MeshShape, divisors
@@ -48,31 +49,15 @@ class Profile:
     activation_bytes_per_example: dict[str, float]  # by remat: what backward keeps, per example of the batch
 
 
-@dataclasses.dataclass(frozen=True)
-class Scored:
-    mesh: MeshShape
-    micro_batches: int
-    remat: str
-    memory: dict[str, int]
-    seconds: dict[str, float]
+def _order(s: Scored) -> tuple:
+    """Fastest first; among equals the simplest."""
+    return (round(s.seconds["total"], 9), *s.simplicity)
 
-    @property
-    def simplicity(self) -> tuple:
-        """Simplest first: no tensor, fewer micro-batches, no remat, fewer parameter shards."""
-        m = self.mesh
-        return (m.tensor, self.micro_batches, self.remat != "none", m.fsdp, m.data)
 
-    @property
-    def order(self) -> tuple:
-        """Fastest first; among equals the simplest."""
-        return (round(self.seconds["total"], 9), *self.simplicity)
-
-    def describe(self) -> dict:
-        m = self.mesh
-        return {"mesh": m.sizes(),
-                "micro_batches": self.micro_batches,
-                "remat": self.remat, "loss": "whole", "estimated_bytes_per_device": self.memory["total"],
-                "estimated_step_seconds": round(self.seconds["total"], 6)}
+def _describe(s: Scored) -> dict:
+    c = s.candidate
+    return {"mesh": c.mesh.sizes(), "micro_batches": c.micro_batches, "remat": c.remat, "loss": c.loss,
+            "estimated_bytes_per_device": s.memory["total"], "estimated_step_seconds": round(s.seconds["total"], 6)}
 
 
 def profile(abstract: nnx.Module, optimizer, batch: Mapping[str, jax.ShapeDtypeStruct], loss_fn, remats) -> Profile:
@@ -141,7 +126,7 @@ def estimate(prof: Profile, mesh: MeshShape, micro_batches: int, remat: str, bat
     tensor = 2 * micro_batches * memory["activations"] * (t - 1) / t / _bandwidth(hardware, t) if t > 1 else 0.0
     seconds = {"compute": compute, "data": data, "fsdp": fsdp, "tensor": tensor,
                "total": compute + max(0.0, data + fsdp - OVERLAP * compute) + tensor}
-    return Scored(mesh, micro_batches, remat, memory, seconds)
+    return Scored(Candidate(mesh, micro_batches, remat, "whole"), memory, seconds)
 
 
 def _splits_tensor(prof: Profile, tensor: int, rules) -> bool:
@@ -192,16 +177,17 @@ def plan_measured(abstract: nnx.Module, optimizer, batch: Mapping[str, jax.Shape
                                 splits)
     scored = [estimate(prof, mesh, mb, r, batch_size, batch_size * seq_len, hardware, compute_bytes, rules)
               for mesh, mb in layouts for r in remats]
-    fits = sorted((s for s in scored if s.memory["total"] <= budget), key=lambda s: s.order)
-    over = sorted((s for s in scored if s.memory["total"] > budget), key=lambda s: (s.memory["total"], s.order))
+    fits = sorted((s for s in scored if s.memory["total"] <= budget), key=_order)
+    over = sorted((s for s in scored if s.memory["total"] > budget), key=lambda s: (s.memory["total"], _order(s)))
     estimated = time.perf_counter() - start
 
     def as_plan(s: Scored, seconds: dict[str, float] | None = None, **more) -> Plan:
         seconds = seconds or s.seconds
-        specs = parameter_specs(prof.paths, s.mesh.sizes(), rules)
+        specs = parameter_specs(prof.paths, s.candidate.mesh.sizes(), rules)
         tokens = batch_size * seq_len
-        return Plan(flavor=flavor, hardware=hardware.name, mesh=s.mesh, batch_size=batch_size, seq_len=seq_len,
-                    micro_batches=s.micro_batches, remat=s.remat, compute_dtype=compute_dtype,
+        c = s.candidate
+        return Plan(flavor=flavor, hardware=hardware.name, mesh=c.mesh, batch_size=batch_size, seq_len=seq_len,
+                    micro_batches=c.micro_batches, remat=c.remat, compute_dtype=compute_dtype,
                     estimated_bytes_per_device=s.memory, budget_bytes_per_device=budget,
                     estimated_step_seconds={k: round(v, 6) for k, v in seconds.items()},
                     estimated_tokens_per_sec=round(tokens / seconds["total"], 1),
@@ -216,15 +202,16 @@ def plan_measured(abstract: nnx.Module, optimizer, batch: Mapping[str, jax.Shape
         _, compiled, verified = compile_candidate(as_plan(s))
         compile_seconds += verified.seconds
         measured.append((s, verified, step_seconds(s, compiled, hardware)))
-    fitting = sorted((m for m in measured if m[1].bytes_per_device <= budget), key=lambda m: (m[2], m[0].order))
+    fitting = sorted((m for m in measured if m[1].bytes_per_device <= budget), key=lambda m: (m[2], _order(m[0])))
     timing = {"estimate": round(estimated, 3), "compile": round(compile_seconds, 3),
               "total": round(time.perf_counter() - start, 3)}
     counted = (f"compiled {len(measured)} of {len(scored)} candidates ({len(fits)} estimated to fit) in "
                f"{compile_seconds:.1f} s")
     if not fitting:
         s, v, _ = min(measured, key=lambda m: m[1].bytes_per_device)
+        c = s.candidate
         raise NoPlanFits(f"no plan fits your model on {flavor} × {hardware.name} at batch {batch_size}: {counted}; "
-                         f"the smallest ({s.mesh}, {s.micro_batches} micro-batch(es), remat {s.remat}) needs "
+                         f"the smallest ({c.mesh}, {c.micro_batches} micro-batch(es), remat {c.remat}) needs "
                          f"{format_bytes(v.bytes_per_device)} per device, over the budget of {format_bytes(budget)}; "
                          f"use a larger flavor or a smaller batch")
     near = [m for m in fitting if m[2] <= fitting[0][2] * (1 + SIMPLER_WITHIN)]  # near-ties: the simplest
@@ -238,13 +225,14 @@ def plan_measured(abstract: nnx.Module, optimizer, batch: Mapping[str, jax.Shape
                 why = f"{sec / chosen_seconds - 1:.1%} slower by XLA's FLOPs"
             else:
                 why = "about as fast; the chosen layout is simpler"
-            alternatives.append({**s.describe(), "why_not": why})
-    m = chosen.mesh
+            alternatives.append({**_describe(s), "why_not": why})
+    c = chosen.candidate
+    m = c.mesh
     how = [f"parameters, gradients and optimizer state sharded over fsdp={m.fsdp}" if m.fsdp > 1
            else "state replicated, the batch split over every device"]
     how += [f"tensor={m.tensor} by your partition rules"] * (m.tensor > 1)
-    how += [f"{chosen.micro_batches} micro-batches"] * (chosen.micro_batches > 1)
-    how += [f"remat {chosen.remat}"] * (chosen.remat != "none")
+    how += [f"{c.micro_batches} micro-batches"] * (c.micro_batches > 1)
+    how += [f"remat {c.remat}"] * (c.remat != "none")
     seconds = dict(chosen.seconds, compute=chosen_seconds - (chosen.seconds["total"] - chosen.seconds["compute"]),
                    total=chosen_seconds)
     return as_plan(chosen, why=f"measured: {counted}; the fastest that fits: {', '.join(how)}",
@@ -260,6 +248,6 @@ def step_seconds(s: Scored, compiled, hardware: Hardware) -> float:
     flops = float((cost or {}).get("flops", 0.0))
     if flops <= 0:
         return s.seconds["total"]
-    compute = flops / (hardware.peak_flops * PEAK_EFFICIENCY) + MICRO_BATCH_OVERHEAD * s.micro_batches
+    compute = flops / (hardware.peak_flops * PEAK_EFFICIENCY) + MICRO_BATCH_OVERHEAD * s.candidate.micro_batches
     sec = s.seconds
     return compute + max(0.0, sec["data"] + sec["fsdp"] - OVERLAP * compute) + sec["tensor"]
