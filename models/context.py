@@ -59,11 +59,12 @@ def local_pairs(length: int, cp: int, block: int) -> np.ndarray:
     place) for `attention.blockwise_core`. The balanced layout gives every device the same P."""
     places_DN = _places(length, cp, block)
     key_places = places_DN.reshape(-1)  # the gathered keys are the devices' blocks one after another
+    by_place = np.argsort(key_places, kind="stable")
     tables = []
     for places in places_DN:
-        pairs = [(i, p, j, key_places[j]) for i, p in enumerate(places)
-                 for j in np.argsort(key_places, kind="stable") if key_places[j] <= p]
-        tables.append(np.asarray(pairs, np.int32).T)
+        i, k = np.nonzero(key_places[by_place][None, :] <= places[:, None])  # row by row, keys in order
+        j = by_place[k]
+        tables.append(np.stack([i, places[i], j, key_places[j]]).astype(np.int32))
     assert len({t.shape for t in tables}) == 1, "the balanced layout gives every device the same work"
     return np.stack(tables)
 
@@ -90,11 +91,12 @@ def context_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, mesh: Mesh, axi
     @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.save_only_these_names(
         "attention", "attention_lse"), prevent_cse=False)
     def local(q_BtNH, k_BtKH, v_BtKH, segments_Bt):
-        gather = lambda x: jax.lax.all_gather(x, axis, axis=1, tiled=True)  # noqa: E731
+        gather = lambda x: _gathered(x, axis)  # noqa: E731
         pairs = tuple(jnp.asarray(table)[jax.lax.axis_index(axis)])
         q_BKGtH = attention_lib.grouped(q_BtNH, k_BtKH.shape[2])
+        key_segments_BT = jax.lax.all_gather(segments_Bt, axis, axis=1, tiled=True)
         out_BKGtH = attention_lib.blockwise_core(q_BKGtH, gather(k_BtKH), gather(v_BtKH), segments_Bt,
-                                                 gather(segments_Bt), pairs, window=window, block=block,
+                                                 key_segments_BT, pairs, window=window, block=block,
                                                  scores=scores)
         return jnp.moveaxis(out_BKGtH, 3, 1).reshape(q_BtNH.shape)
 
@@ -102,3 +104,22 @@ def context_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, mesh: Mesh, axi
     return jax.shard_map(local, mesh=mesh, axis_names=manual_axes(axis), in_specs=(along,) * 4, out_specs=along,
                          check_vma=False)(
         q_BTNH, k_BTKH, v_BTKH, segment_ids_BT)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _gathered(x_BtKH, axis: str):
+    """[B, T / cp, ...] → [B, T, ...], all-gathered over `axis`; in backward the gradient is reduce-scattered
+    in float32 (more exact, and XLA:CPU cannot reduce-scatter bfloat16)."""
+    return jax.lax.all_gather(x_BtKH, axis, axis=1, tiled=True)
+
+
+def _gathered_fwd(x_BtKH, axis):
+    return _gathered(x_BtKH, axis), None
+
+
+def _gathered_bwd(axis, _, grad_BTKH):
+    summed = jax.lax.psum_scatter(grad_BTKH.astype(jnp.float32), axis, scatter_dimension=1, tiled=True)
+    return (summed.astype(grad_BTKH.dtype),)
+
+
+_gathered.defvjp(_gathered_fwd, _gathered_bwd)

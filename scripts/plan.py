@@ -63,7 +63,7 @@ def run(args) -> int:
     from moai_jax.planner.explain import table
     from moai_jax.planner.verify import verified_line
     from moai_jax.sizes import parse_bytes
-    from moai_jax.sharding.mesh import MeshShape
+    from moai_jax.sharding.mesh import AXES, MeshShape
 
     from moai_jax.models import lora
 
@@ -75,7 +75,7 @@ def run(args) -> int:
     if args.mesh:
         given = {part.split("=")[0].strip() for part in args.mesh.split(",") if part.strip()}
         shape = MeshShape.parse(args.mesh)
-        axes = {a: getattr(shape, a) for a in ("stage", "data", "fsdp", "tensor") if a in given}
+        axes = {a: getattr(shape, a) for a in AXES if a in given}
     result = plan(config, args.batch_size, args.block_size, acc, args.memory_fraction, verify=not args.no_verify,
                   micro_batches=args.micro_batches, remat=args.remat, loss=args.loss, compute_dtype=args.dtype,
                   lora=adapters, **axes)

@@ -3,6 +3,7 @@ and without packing; the balanced layout; memory falling with the context degree
 checkpoints under it."""
 
 import functools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -12,12 +13,14 @@ import pytest
 from flax import nnx
 from test_trainer import make_batches
 
-from moai_jax.accelerator import Accelerator
+from moai_jax.accelerator import Accelerator, hardware_profile
 from moai_jax.checkpoint import Checkpoints
+from moai_jax.errors import FlavorError
 from moai_jax.models import Decoder, ModelConfig
 from moai_jax.models import context
 from moai_jax.models.lora import LoraConfig
 from moai_jax.optimizer import adamw
+from moai_jax.planner import plan
 from moai_jax.planner.plan import Plan
 from moai_jax.sharding.mesh import MeshShape
 from moai_jax.step import compile_step
@@ -122,3 +125,17 @@ def test_checkpoints_move_between_context_and_no_context(tmp_path):
             checkpoints.restore(trainers[resumed], i)
         losses = [float(trainers[name].step(extra[2 * i + 1])["loss"]) for name in (saved, resumed)]
         np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
+
+
+def test_planner_splits_long_sequences_only_when_it_must():
+    """llama3-8b on 8 H100s, batch 8 (ranked only; scripts/plan.py verifies by compiling): at 1,024 tokens
+    no context parallelism; at 131,072 a sequence fits on no single device, so the plan splits it and says so.
+    A fixed context is honored, and a block size that 2 × context does not divide is one clear error."""
+    h100 = types.SimpleNamespace(flavor=8, hardware=hardware_profile("h100"), devices=[])
+    config = ModelConfig.preset("llama3-8b")
+    assert plan(config, 8, 1024, h100, verify=False).mesh.context == 1
+    long = plan(config, 8, 131072, h100, verify=False)
+    assert long.mesh.context > 1 and "no plan that keeps a sequence on one device fits" in long.why
+    assert plan(config, 8, 131072, h100, verify=False, context=8).mesh.context == 8
+    with pytest.raises(FlavorError, match="2 × 4 chunks, which the block size 1004 does not divide"):
+        plan(config, 8, 1004, h100, verify=False, context=4)

@@ -101,7 +101,7 @@ def test_nothing_fits_fails_before_the_first_step():
     ({"memory_fraction": 1.5}, "memory fraction"),
     ({"data": 3}, "divide the flavor"),
     ({"tensor": 4}, "key/value heads"),
-    ({"stage": 1, "data": 2, "fsdp": 2, "tensor": 1}, "make the flavor"),
+    ({"stage": 1, "data": 2, "fsdp": 2, "expert": 1, "context": 1, "tensor": 1}, "make the flavor"),
     ({"stage": 4}, "stage=4 does not divide the model's 2 layers"),
     ({"micro_batches": 5}, "does not divide the batch"),
     ({"remat": "some"}, "remat"),
@@ -129,7 +129,7 @@ def test_plan_script_json_and_errors(tmp_path):
                 "estimated_bytes_per_device", "verified_bytes_per_device", "budget_bytes_per_device",
                 "estimated_step_seconds", "estimated_tokens_per_sec", "alternatives"):
         assert key in d
-    assert set(d["mesh"]) == {"stage", "data", "fsdp", "tensor"} and "total" in d["estimated_bytes_per_device"]
+    assert set(d["mesh"]) == {"stage", "data", "fsdp", "expert", "context", "tensor"} and "total" in d["estimated_bytes_per_device"]
     assert json.loads(dump.read_text()) == d
     bad = subprocess.run(cmd[:-3] + ["--memory-fraction", "2"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and len(bad.stderr.strip().splitlines()) == 1

@@ -1,7 +1,7 @@
 """Candidates: every way to lay one step over the flavor, honoring the knobs the user fixed.
 
 stage × data × fsdp × expert × context × tensor = flavor (stages dividing the layers; expert dividing
-a MoE model's experts; context splitting each sequence into 2 × context chunks, only when fixed; tensor
+a MoE model's experts; context splitting each sequence into 2 × context chunks; tensor
 inside one host and dividing the key/value heads), × remat (none / matmuls / full), × micro-batches (dividing the batch
 so every micro-batch splits evenly over data × fsdp × expert; at least one per stage under a pipeline),
 × loss (whole logits, or chunked over the sequence).
@@ -103,16 +103,25 @@ def check_fixed(fixed: Fixed, flavor: int, config: ModelConfig, batch_size: int,
                           f"not {seq_len}")
 
 
-def meshes(flavor: int, config: ModelConfig, devices_per_host: int, fixed: Fixed = Fixed()) -> Iterator[MeshShape]:
+def contexts(flavor: int, seq_len: int | None, fixed: Fixed = Fixed()) -> list[int]:
+    """The context degrees to try: the fixed one, else every one whose 2 × context chunks split the
+    sequence (the time model charges its K/V gathers to the link it spans: inside a host or across)."""
+    if fixed.context is not None or seq_len is None:
+        return [fixed.context or 1]
+    return [c for c in divisors(flavor) if seq_len % (2 * c) == 0 or c == 1]
+
+
+def meshes(flavor: int, config: ModelConfig, devices_per_host: int, fixed: Fixed = Fixed(),
+           seq_len: int | None = None) -> Iterator[MeshShape]:
     """Every stage × data × fsdp × expert × context × tensor = flavor allowed by the model, the hosts and
-    the fixed axes."""
-    contexts = [fixed.context or 1]
+    the fixed axes (context only when fixed unless `seq_len` is given)."""
+    contexts_ = contexts(flavor, seq_len, fixed)
     for tensor in divisors(flavor):
         if config.num_kv_heads % tensor or config.num_heads % tensor:
             continue
         if tensor > 1 and (tensor > devices_per_host or devices_per_host % tensor) and flavor > devices_per_host:
             continue
-        for context in (c for c in contexts if (flavor // tensor) % c == 0):
+        for context in (c for c in contexts_ if (flavor // tensor) % c == 0):
             for expert in divisors(math.gcd(flavor // tensor // context, config.num_experts or 1)):
                 rest = flavor // tensor // context // expert
                 for stage in divisors(rest):
@@ -132,7 +141,7 @@ def candidates(flavor: int, config: ModelConfig, batch_size: int, seq_len: int, 
     chunkable = seq_len > LOSS_CHUNK and seq_len % LOSS_CHUNK == 0
     losses = [fixed.loss] if fixed.loss else ["whole", "chunked"] if chunkable else ["whole"]
     out = []
-    for mesh in meshes(flavor, config, devices_per_host, fixed):
+    for mesh in meshes(flavor, config, devices_per_host, fixed, seq_len):
         for mb in [fixed.micro_batches] if fixed.micro_batches else divisors(batch_size):
             if (batch_size // mb) % mesh.batch_shards or batch_size % mb:
                 continue

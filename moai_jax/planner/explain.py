@@ -26,7 +26,8 @@ def _slower_because(alt, chosen) -> str:
              - max(0.0, c["data"] + c["fsdp"] - 0.8 * c["compute"]),
              "tensor-parallel all-reduces": a["tensor"] - c["tensor"],
              "pipeline bubble (stages idle while it fills and drains)": a.get("bubble", 0) - c.get("bubble", 0),
-             "stage-to-stage transfers": a.get("stage", 0) - c.get("stage", 0)}
+             "stage-to-stage transfers": a.get("stage", 0) - c.get("stage", 0),
+             "context-parallel key/value gathers": a.get("context", 0) - c.get("context", 0)}
     cause = max(parts, key=parts.get)
     if ratio <= 0:
         return "about as fast; the chosen layout is simpler"
@@ -64,8 +65,21 @@ def why_chosen(s, fits, over, fixed) -> str:
         reasons.append(f"{c.micro_batches} micro-batches to bound activations")
     if c.loss == "chunked":
         reasons.append("loss computed in chunks so whole float32 logits never exist")
+    if c.mesh.context > 1:
+        reasons.append(context_verdict(s, fits))
     reasons.append(pipeline_verdict(s, fits, over))
     return (f"fastest of {len(fits)} candidates that fit (of {len(fits) + len(over)}): " + "; ".join(reasons))
+
+
+def context_verdict(s, fits) -> str:
+    """Why the chosen plan splits each sequence over context: nothing without fits, or it is faster."""
+    c = s.candidate
+    whole = [f for f in fits if f.candidate.mesh.context == 1]
+    if not whole:
+        return (f"context={c.mesh.context} splits each sequence over {c.mesh.context} devices: no plan that keeps "
+                f"a sequence on one device fits")
+    return (f"context={c.mesh.context} splits each sequence over {c.mesh.context} devices; the best plan keeping "
+            f"a sequence on one device is {whole[0].seconds['total'] / s.seconds['total'] - 1:.1%} slower")
 
 
 def pipeline_verdict(s, fits, over) -> str:
@@ -116,6 +130,7 @@ def table(plan: Plan) -> str:
     if plan.verified_bytes_per_device is not None:
         lines.append(f"    {'compiled':<12} {format_bytes(plan.verified_bytes_per_device):>12}   on {plan.verified_on}")
     piped = f", bubble {t.get('bubble', 0):.3f}, stage {t.get('stage', 0):.3f}" if plan.mesh.stage > 1 else ""
+    piped += f", context {t.get('context', 0):.3f}" if plan.mesh.context > 1 else ""
     lines += ["", f"  step {t.get('total', 0):.3f} s (compute {t.get('compute', 0):.3f}, data {t.get('data', 0):.3f}, "
                   f"fsdp {t.get('fsdp', 0):.3f}, tensor {t.get('tensor', 0):.3f}{piped}) | "
                   f"{plan.estimated_tokens_per_sec or 0:,.0f} tokens/s | MFU {(plan.estimated_mfu or 0):.1%}"]

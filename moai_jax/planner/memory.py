@@ -14,6 +14,10 @@
     head            LoRA only: the frozen embedding and head in float32 (upcast, or gathered under FSDP)
     base copy       LoRA only: the layers' 16-bit frozen base bit-copied for the layer loop (`lora_terms`)
     pipeline        under stages: the micro-batches' inputs and outputs of the stages, and their gradients
+    gathered kv     under context parallelism: one layer's keys and values gathered over the whole sequence
+
+Under context parallelism (context > 1) each device holds 1 / context of every sequence's tokens, so
+every per-token term is divided by it, and its weights are sharded over context as over fsdp.
 
 Under a pipeline (stage > 1) each device holds its stage's layers (and a slice of the vocab-sized
 tables), keeps what its layers save for backward for every micro-batch in flight (micro-batches +
@@ -50,6 +54,7 @@ ATTENTION_COPIES = 3.36  # float32 [rows, heads, length, block] scores, probabil
 CODE_BYTES = 0
 # A pipeline's head runs once on the whole batch: whole float32 logits (fused with their gradient), or a chunk's
 PIPELINE_LOGIT_COPIES = {"whole": 0.194, "chunked": 0.951}
+CONTEXT_KV_COPIES = 3.0  # float32 [rows, length, kv heads, head_dim] buffers of one layer's gathered K and V
 PIPELINE_COPIES = 6.29  # [batch, length, embed] buffers of a pipeline: stage inputs and outputs (or their gradients)
 
 
@@ -137,25 +142,26 @@ def estimate_bytes(config: ModelConfig, batch_size: int, seq_len: int, mesh: Mes
     """Estimated bytes per device of the train step, by term, with "total". With `lora`, only the
     adapters train and the base is stored in `base_bytes` per element (see `lora_terms`)."""
     p = sharded_param_elements(config, mesh) * param_bytes
-    tokens = batch_size // micro_batches // mesh.batch_shards * seq_len  # per device, one micro-batch
+    tokens = batch_size // micro_batches // mesh.batch_shards * seq_len // mesh.context  # per device, one micro-batch
     layers = held_layers(config, mesh, micro_batches, remat)
     activations = layers * tokens * _per_token(SAVED[remat], config, mesh.tensor) * activation_bytes
     recompute = 0 if remat == "none" else tokens * _per_token(RECOMPUTE, config, mesh.tensor) * activation_bytes
     rows = batch_size // micro_batches // mesh.batch_shards
     head_rows = batch_size // mesh.batch_shards if mesh.stage > 1 else rows  # a pipeline's head sees the batch
-    logit_positions = head_rows * (min(LOSS_CHUNK, seq_len) if loss == "chunked" else seq_len)
+    logit_positions = head_rows * (min(LOSS_CHUNK, seq_len) if loss == "chunked" else seq_len) // mesh.context
     vocab_split = mesh.tensor * mesh.stage
     vocab = config.vocab_size // vocab_split if config.vocab_size % vocab_split == 0 else config.vocab_size
     copies = PIPELINE_LOGIT_COPIES[loss] if mesh.stage > 1 else LOGIT_COPIES
     logits = logit_positions * vocab * 4 * copies
     heads = config.num_heads // mesh.tensor if config.num_heads % mesh.tensor == 0 else config.num_heads
-    attention = ATTENTION_COPIES * rows * heads * seq_len * min(ATTENTION_BLOCK, seq_len) * 4
+    attention = ATTENTION_COPIES * rows * heads * seq_len // mesh.context * min(ATTENTION_BLOCK, seq_len) * 4
     gathered = 0
-    if mesh.fsdp > 1:
+    shards = mesh.fsdp * mesh.context  # weights are sharded (and gathered) over context as over fsdp
+    if shards > 1:
         layer = layer_param_elements(config) / mesh.tensor
         head = config.vocab_size * config.hidden_size / mesh.tensor / mesh.stage
-        gathered = (GATHER_COPIES * layer + HEAD_COPIES["micro-batches" if micro_batches > 1 else "one batch"] * head) * max(param_bytes, activation_bytes) * (1 - 1 / mesh.fsdp)
-    batch = 4 * 4 * batch_size * seq_len // mesh.batch_shards
+        gathered = (GATHER_COPIES * layer + HEAD_COPIES["micro-batches" if micro_batches > 1 else "one batch"] * head) * max(param_bytes, activation_bytes) * (1 - 1 / shards)
+    batch = 4 * 4 * batch_size * seq_len // mesh.batch_shards // mesh.context
     terms = {
         "parameters": p,
         "gradients": p * (2 if micro_batches > 1 and mesh.stage == 1 else 1),  # a pipeline sums inside its scan
@@ -167,6 +173,7 @@ def estimate_bytes(config: ModelConfig, batch_size: int, seq_len: int, mesh: Mes
         "gathered": gathered,
         "temporaries": UPDATE_COPIES * p + batch + CODE_BYTES,
         "pipeline": pipeline_buffers(config, batch_size, seq_len, mesh, activation_bytes),
+        "gathered kv": context_kv(config, rows, seq_len, mesh),
     }
     if lora is not None:
         terms = lora_peak(terms | lora_terms(config, lora, mesh, tokens, micro_batches=micro_batches, remat=remat,
@@ -195,7 +202,17 @@ def pipeline_buffers(config: ModelConfig, batch_size: int, seq_len: int, mesh: M
     micro-batch (or their gradients in backward; none without a pipeline)."""
     if mesh.stage == 1:
         return 0.0
-    return PIPELINE_COPIES * batch_size // mesh.batch_shards * seq_len * config.hidden_size * activation_bytes
+    return (PIPELINE_COPIES * batch_size // mesh.batch_shards * seq_len // mesh.context * config.hidden_size
+            * activation_bytes)
+
+
+def context_kv(config: ModelConfig, rows: int, seq_len: int, mesh: MeshShape) -> float:
+    """Context parallelism: one layer's keys and values gathered over the whole sequence (forward, and
+    again in backward, with the float32 copies and gradients the blockwise backward accumulates; 0 without)."""
+    if mesh.context == 1:
+        return 0.0
+    kv_heads = config.num_kv_heads // mesh.tensor if config.num_kv_heads % mesh.tensor == 0 else config.num_kv_heads
+    return CONTEXT_KV_COPIES * rows * seq_len * 2 * kv_heads * config.head_dim * 4
 
 
 # LoRA: the frozen base has no gradient and no optimizer state, and is gathered (FSDP) without a

@@ -40,7 +40,7 @@ class Scored:
     @property
     def simplicity(self) -> tuple:
         c = self.candidate
-        return (c.mesh.stage, c.mesh.tensor, c.micro_batches, REMAT_POLICIES.index(c.remat), c.loss != "whole",
+        return (c.mesh.stage, c.mesh.context, c.mesh.tensor, c.micro_batches, REMAT_POLICIES.index(c.remat), c.loss != "whole",
                 c.mesh.fsdp)
 
 

@@ -19,6 +19,8 @@
                    (stages − 1) / (micro_batches + stages − 1)); an interleaved schedule (Megatron's
                    virtual stages: each device holds `virtual_stages` chunks of layers) divides it by
                    `virtual_stages` (moai_jax's own pipeline is GPipe: 1)
+    context        under context parallelism, each layer's keys and values all-gathered over `context`
+                   (forward, backward) and their gradients reduce-scattered: on the critical path
     stage          each tick's [rows, length, hidden] activations passed to the next stage, forward and
                    backward, and the last stage's outputs handed to the head: on the critical path
 Each axis uses the link it spans: devices are laid out tensor innermost, then fsdp, then data, then
@@ -68,14 +70,14 @@ def estimate_seconds(config: ModelConfig, batch_size: int, seq_len: int, mesh: M
     else:
         per_token, trained = lora_work(config, seq_len, lora, remat)
     flops = per_token * tokens
-    rows = tokens / micro_batches / mesh.batch_shards  # matmul rows per device per micro-batch
+    rows = tokens / micro_batches / mesh.batch_shards / mesh.context  # matmul rows per device per micro-batch
     efficiency = PEAK_EFFICIENCY * rows / (rows + HALF_EFFICIENCY_ROWS) * split_efficiency(config.hidden_size,
                                                                                          mesh.tensor)
     ticks = pipeline_ticks(mesh, micro_batches, virtual_stages)  # micro-batch passes over a device's layers
     compute = flops / (devices * hardware.peak_flops * efficiency) + MICRO_BATCH_OVERHEAD * ticks
 
     params = param_count(config)
-    s, t, f, d = mesh.stage, mesh.tensor, mesh.fsdp, mesh.data
+    s, t, f, d = mesh.stage, mesh.tensor, mesh.fsdp * mesh.context, mesh.data  # weights shard over context too
     grad_bytes = 4 * trained / (f * t * s)
     data = 2 * (d - 1) / d * grad_bytes / _bandwidth(hardware, t * f * d) if d > 1 else 0.0
     fsdp = 0.0
@@ -92,14 +94,31 @@ def estimate_seconds(config: ModelConfig, batch_size: int, seq_len: int, mesh: M
         weight_grads = 0.0 if lora else BACKWARD_WEIGHT_SHARE * flops / recompute
         hidden_under = weight_grads / (devices * hardware.peak_flops * efficiency)
         tensor = forward + backward if overlap_collectives else forward + max(0.0, backward - hidden_under)
+    context = context_seconds(config, seq_len, rows, mesh, hardware, ticks, remat, compute_bytes)
     bubble, stage = pipeline_seconds(config, seq_len, batch_size, mesh, hardware, micro_batches, compute,
                                      compute_bytes, virtual_stages)
     if overlap_collectives:
-        total = compute + bubble + max(0.0, data + fsdp + tensor + stage - OVERLAP * compute)
+        total = compute + bubble + max(0.0, data + fsdp + tensor + stage - OVERLAP * compute) + context
     else:
-        total = compute + bubble + max(0.0, data + fsdp - OVERLAP * compute) + tensor + stage
+        total = compute + bubble + max(0.0, data + fsdp - OVERLAP * compute) + tensor + stage + context
     return {"compute": compute, "data": data, "fsdp": fsdp, "tensor": tensor, "bubble": bubble, "stage": stage,
-            "total": total}
+            "context": context, "total": total}
+
+
+def context_seconds(config: ModelConfig, seq_len: int, rows: float, mesh: MeshShape, hardware: Hardware,
+                    ticks: float, remat: str, compute_bytes: int) -> float:
+    """Context parallelism's K/V traffic: per layer and micro-batch, the keys and values all-gathered over
+    `context` in forward (again under remat full's recompute), again in backward, and their gradients
+    reduce-scattered, each moving (context − 1) / context of the sequence's K/V over the link the
+    context axis (inside tensor's) spans; on the critical path, like tensor's all-reduces (0 without)."""
+    c = mesh.context
+    if c == 1:
+        return 0.0
+    kv_heads = config.num_kv_heads / mesh.tensor
+    sequences = rows * c / seq_len  # rows are this device's tokens: 1 / context of each sequence
+    kv_bytes = sequences * seq_len * 2 * kv_heads * config.head_dim * compute_bytes * (c - 1) / c
+    passes = 3 + (remat == "full")
+    return ticks * config.num_layers / mesh.stage * passes * kv_bytes / _bandwidth(hardware, c * mesh.tensor)
 
 
 def pipeline_ticks(mesh: MeshShape, micro_batches: int, virtual_stages: int = 1) -> float:
