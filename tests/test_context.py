@@ -3,7 +3,10 @@ and without packing; the balanced layout; memory falling with the context degree
 checkpoints under it."""
 
 import functools
+import subprocess
+import sys
 import types
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -139,3 +142,18 @@ def test_planner_splits_long_sequences_only_when_it_must():
     assert plan(config, 8, 131072, h100, verify=False, context=8).mesh.context == 8
     with pytest.raises(FlavorError, match="2 × 4 chunks, which the block size 1004 does not divide"):
         plan(config, 8, 1004, h100, verify=False, context=4)
+
+
+def test_plan_command_plans_context_by_itself_and_explains_a_bad_block_size():
+    """scripts/plan.py (ranked only): --block-size 131072 plans CP by itself; --mesh context=4,fsdp=2 at a block
+    size 2 × 4 does not divide is one error line and exit status 2."""
+    script = [sys.executable, str(Path(__file__).resolve().parent.parent / "scripts/plan.py"), "--model", "llama3-8b",
+              "--flavor", "8", "--batch-size", "8", "--hardware", "h100", "--no-verify"]
+    auto = subprocess.run(script + ["--block-size", "131072"], capture_output=True, text=True, timeout=120)
+    assert auto.returncode == 0 and " CP " in auto.stdout.splitlines()[1], auto.stdout + auto.stderr
+    bad = subprocess.run(script + ["--block-size", "1004", "--mesh", "context=4,fsdp=2"], capture_output=True,
+                         text=True, timeout=120)
+    lines = [line for line in bad.stderr.splitlines() if "Warning" not in line and "acc = " not in line]
+    assert bad.returncode == 2 and lines == ["error: context=4 splits each sequence into 2 × 4 chunks, which the "
+                                             "block size 1004 does not divide; use a block size that is a multiple "
+                                             "of 8"], bad.stderr
