@@ -108,17 +108,16 @@ def host_available_memory() -> int:
         return available
 
 
-def simulate_devices(flavor: int, hardware: str | None = None) -> int:
+def simulate_devices(flavor: int) -> int:
     """Ask JAX for this process's share of `flavor` host devices (all of them when it is alone), if its
     backends have not started yet (no-op otherwise), and return that share. Joins the process's job
     first (`distributed.join`).
 
     Also the moment, before any backend starts, to set moai_jax's XLA GPU flags (`xla_flags.apply`) and,
-    for `hardware` with a compile target and none attached, to start JAX on its CPU backend only (the
-    target's compiler loads then; see `targets.prefer_cpu_backend`).
+    with no GPU or TPU attached, to start JAX on its CPU backend only: then the compilers of absent
+    targets load without complaint (`targets.prefer_cpu_backend`).
     """
-    if hardware in HARDWARE and HARDWARE[hardware].target is not None:
-        targets.prefer_cpu_backend()
+    targets.prefer_cpu_backend()
     count = distributed.local_share(flavor)
     xla_flags.apply()
     try:
@@ -140,7 +139,7 @@ class Accelerator:
                  devices_per_host: int | None = None):
         self.flavor = parse_flavor(flavor)
         target = hardware_profile(hardware).target if hardware else None
-        share = simulate_devices(self.flavor, hardware)
+        share = simulate_devices(self.flavor)
         devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
         self.platform = devices[0].platform
         self.compile_only = False  # devices of the target that compile but cannot run

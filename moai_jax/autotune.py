@@ -46,7 +46,8 @@ def candidate_plans(config: ModelConfig, batch_size: int, seq_len: int, accelera
     hardware = accelerator.hardware
     dtype = compute_dtype or ("float32" if hardware.name == "cpu" else "bfloat16")
     budget = int(memory_fraction * hardware.memory_bytes)
-    fits, _ = rank(config, batch_size, seq_len, accelerator.flavor, hardware, budget, Fixed(**fixed), dtype)
+    fits, _ = rank(config, batch_size, seq_len, accelerator.flavor, hardware, budget, Fixed(**fixed), dtype,
+                   family=getattr(accelerator, "family", "cpu"))
     out = []
     for s in fits[:count]:
         c = s.candidate

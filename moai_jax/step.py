@@ -10,6 +10,7 @@ the user's partition rules or from their shapes (`moai_jax.sharding.infer`), and
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import time
@@ -20,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax._src import config as jax_config
 from jax.sharding import NamedSharding, PartitionSpec
 
 from moai_jax.errors import FlavorError
@@ -44,6 +46,7 @@ class Verified:
     bytes_per_device: int
     backend: str  # e.g. "cpu (8 simulated devices, blockwise attention)"
     seconds: float
+    error: str | None = None  # the compiler's words when it refused the step (a TPU's RESOURCE_EXHAUSTED)
 
 
 def layout(plan: Plan) -> tuple:
@@ -81,6 +84,17 @@ def pipeline_micro_batches(model: nnx.Module, plan: Plan) -> int:
     return 1 if plan.mesh.stage > 1 else plan.micro_batches
 
 
+def target_attention(config, plan: Plan, device: jax.Device) -> str:
+    """What "auto" attention is for the devices compiled for (compile-only H100s: cuDNN), not this
+    machine's; blockwise where cuDNN cannot take the plan's split (it needs queries, keys and values
+    split alike: a tensor axis that divides the key/value heads), soft-capped scores, or a pipeline (JAX
+    0.10's cuDNN attention cannot be vmapped over stages with a segment mask)."""
+    kernel = attention_lib.resolve("auto", jnp.dtype(plan.compute_dtype), config.head_dim, device)
+    unfit = (config.num_kv_heads % plan.mesh.tensor or config.attn_logit_softcapping is not None
+             or plan.mesh.stage > 1)
+    return "blockwise" if kernel == "cudnn" and unfit else kernel
+
+
 def build_step(abstract: nnx.Module, optimizer: optax.GradientTransformation, plan: Plan, mesh, *,
                loss_fn: LossFn | None = None, rules=None) -> StepParts:
     """The plan's train step for an abstract (or real) model, jitted with shardings and donated state.
@@ -97,9 +111,8 @@ def build_step(abstract: nnx.Module, optimizer: optax.GradientTransformation, pl
     remat_policy = None
     if own_model(abstract):
         abstract.remat = plan.remat
-        if abstract.attention == "auto":  # for the devices compiled for (compile-only GPUs: cuDNN), not this machine's
-            abstract.attention = attention_lib.resolve("auto", jnp.dtype(plan.compute_dtype), abstract.config.head_dim,
-                                                       mesh.devices.flat[0])
+        if abstract.attention == "auto":
+            abstract.attention = target_attention(abstract.config, plan, mesh.devices.flat[0])
     else:
         remat_policy = CHECKPOINT_POLICIES[plan.remat]
     accumulate = pipeline_micro_batches(abstract, plan)
@@ -177,8 +190,12 @@ def compile_step(plan: Plan, model: nnx.Module, devices: Sequence[jax.Device],
     parts = build_step(model, optimizer or default_optimizer(), plan, mesh, loss_fn=loss_fn, rules=rules)
     specs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=parts.batch_sharding)
              for k, v in (batch or batch_spec(plan, batch_keys)).items()}
-    compiled = parts.step.lower(parts.abstract_state, specs, parts.abstract_rest).compile()
-    backend = describe_backend(mesh.devices.flat[0], plan.mesh.size, getattr(model, "attention", None)
+    lowered = parts.step.lower(parts.abstract_state, specs, parts.abstract_rest)
+    device = mesh.devices.flat[0]
+    # compile-only devices have no client to load a cached executable from: skip the persistent cache
+    with contextlib.nullcontext() if device in jax.devices() else jax_config.enable_compilation_cache(False):
+        compiled = lowered.compile()
+    backend = describe_backend(device, plan.mesh.size, getattr(model, "attention", None)
                                if getattr(model, "config", None) is not None else None)
     return parts, compiled, Verified(compiled_bytes(compiled), backend, time.perf_counter() - start)
 

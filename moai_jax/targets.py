@@ -124,6 +124,7 @@ def _topology_devices(target: Target, flavor: int, devices_per_host: int) -> tup
 
     if target.family == "tpu":
         os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # no TPU VM here: quiets libtpu's host lookup
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # no chip to guard: processes compile side by side
     devices = topologies.get_topology_desc(**target.topology(flavor, devices_per_host)).devices
     if len(devices) != flavor:
         raise TargetUnavailable(f"the {target.family} topology for flavor {flavor} has {len(devices)} devices")

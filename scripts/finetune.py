@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     distributed.agree("arguments", {k: v for k, v in vars(args).items() if k != "process_id"},
                       "start every process with the same arguments")
     flavor = parse_flavor(args.flavor)
-    simulate_devices(flavor, args.hardware)  # before JAX starts its backends
+    simulate_devices(flavor)  # before JAX starts its backends
     check_settings(args)
     from moai_jax.models import lora
 

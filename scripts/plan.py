@@ -52,7 +52,7 @@ def run(args) -> int:
 
     distributed.join_from_args(args)  # alone, or one process of several: before JAX starts its backends
     flavor = parse_flavor(args.flavor)
-    simulate_devices(flavor, args.hardware)  # before JAX starts its backends
+    simulate_devices(flavor)  # before JAX starts its backends
     check_range("--devices-per-host", args.devices_per_host, 1)
 
     from pathlib import Path

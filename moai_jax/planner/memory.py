@@ -9,6 +9,8 @@
     recompute       one layer's working set while backward runs (re)computes it
     logits          float32 [tokens, vocab / tensor] logits, their gradient and softmax: whole or one chunk
     gathered        FSDP: one layer's weights (and the head) all-gathered in flight, forward and backward
+    tied table      FSDP with tied embeddings: the table's float32 gradient whole, where the lookup's and
+                    the head's contributions meet
     temporaries     the optimizer update's transient copies, the batch, compiled code
     lora dropout    LoRA only: each target's dropped-out input kept for backward, or one layer's dropout masks
     head            LoRA only: the frozen embedding and head in float32 (upcast, or gathered under FSDP)
@@ -25,7 +27,9 @@ stages − 1 ticks of layers / stages layers each), and runs the head once on th
 
 Activation sizes are per token and counted in elements of E (hidden), F (MLP / tensor), Q (query
 heads × head_dim / tensor) and KV (key/value heads × head_dim / tensor); the coefficients were fitted
-against XLA's compiled memory (scripts/memory_model_check.py prints the comparison).
+against XLA:CPU's compiled memory, and each compiler family (the GPU's, the TPU's) scales the terms by
+its own fitted shares, `FAMILY_SCALES` (scripts/memory_model_check.py --target gpu|tpu|cpu prints the
+comparison with each compiler).
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ GATHER_COPIES = 0.229  # a layer's gathered weights: forward, backward, gradient
 # Vocab-sized tables gathered in flight: the embedding and the head, and their gradients (which the
 # micro-batch loop keeps alive longer).
 HEAD_COPIES = {"one batch": 3.33, "micro-batches": 4.91}
+TIED_COPIES = 1.0  # a tied embedding's whole float32 gradient under FSDP (llama3.2-3b on 4 × mi250, issue 24)
 UPDATE_COPIES = 0.00887  # transient parameter-sized buffers of the optimizer update
 ATTENTION_BLOCK = 128  # the blockwise attention's key block
 ATTENTION_COPIES = 3.36  # float32 [rows, heads, length, block] scores, probabilities and their gradient
@@ -56,6 +61,27 @@ CODE_BYTES = 0
 PIPELINE_LOGIT_COPIES = {"whole": 0.194, "chunked": 0.951}
 CONTEXT_KV_COPIES = 3.0  # float32 [rows, length, kv heads, head_dim] buffers of one layer's gathered K and V
 PIPELINE_COPIES = 6.29  # [batch, length, embed] buffers of a pipeline: stage inputs and outputs (or their gradients)
+
+
+# Per compiler family, the share of each term's XLA:CPU size that its compiler allocates, fitted against
+# compiles for the target (memory_model_check.py --target): "term" for every remat policy, "term remat"
+# for one. A term a family does not name keeps its CPU size. XLA:CPU's own copies (the LoRA base's
+# 16-bit bit copy, float32 upcasts of 16-bit slices) belong to the CPU family only.
+FAMILY_SCALES: dict[str, dict[str, float]] = {
+    "cpu": {},
+    # 19 compiles for compile-only H100s (memory_model_check.py --target gpu, docs/targets.md): bfloat16
+    # activations, cuDNN attention (no score blocks), no XLA:CPU copies of the frozen LoRA base
+    "gpu": {"activations none": 0.614, "activations matmuls": 0.703, "activations full": 0.463, "attention": 0.0,
+            "recompute": 0.92, "logits": 1.02, "gathered": 1.45, "pipeline": 1.05, "lora dropout": 1.05,
+            "head": 0.0, "base copy": 0.0, "tied table": 0.0},
+    "tpu": {"base copy": 0.0},
+}
+
+
+def family_scaled(terms: dict[str, float], family: str, remat: str) -> dict[str, float]:
+    """`terms` as the `family`'s compiler allocates them (see FAMILY_SCALES)."""
+    scales = FAMILY_SCALES[family]
+    return {k: v * scales.get(f"{k} {remat}", scales.get(k, 1.0)) for k, v in terms.items()}
 
 
 def param_shapes(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
@@ -138,9 +164,10 @@ def _per_token(coefficients, config: ModelConfig, tensor: int) -> float:
 
 def estimate_bytes(config: ModelConfig, batch_size: int, seq_len: int, mesh: MeshShape, *, micro_batches: int = 1,
                    remat: str = "none", loss: str = "whole", param_bytes: int = 4, activation_bytes: int = 4,
-                   lora: LoraConfig | None = None, base_bytes: int = 2) -> dict[str, int]:
-    """Estimated bytes per device of the train step, by term, with "total". With `lora`, only the
-    adapters train and the base is stored in `base_bytes` per element (see `lora_terms`)."""
+                   lora: LoraConfig | None = None, base_bytes: int = 2, family: str = "cpu") -> dict[str, int]:
+    """Estimated bytes per device of the train step, by term, with "total", as the `family`'s compiler
+    ("gpu", "tpu", "cpu") allocates them. With `lora`, only the adapters train and the base is stored
+    in `base_bytes` per element (see `lora_terms`)."""
     p = sharded_param_elements(config, mesh) * param_bytes
     tokens = batch_size // micro_batches // mesh.batch_shards * seq_len // mesh.context  # per device, one micro-batch
     layers = held_layers(config, mesh, micro_batches, remat)
@@ -171,6 +198,7 @@ def estimate_bytes(config: ModelConfig, batch_size: int, seq_len: int, mesh: Mes
         "attention": attention,
         "logits": logits,
         "gathered": gathered,
+        "tied table": tied_table(config, mesh),
         "temporaries": UPDATE_COPIES * p + batch + CODE_BYTES,
         "pipeline": pipeline_buffers(config, batch_size, seq_len, mesh, activation_bytes),
         "gathered kv": context_kv(config, rows, seq_len, mesh),
@@ -179,9 +207,16 @@ def estimate_bytes(config: ModelConfig, batch_size: int, seq_len: int, mesh: Mes
         terms = lora_peak(terms | lora_terms(config, lora, mesh, tokens, micro_batches=micro_batches, remat=remat,
                                              base_bytes=base_bytes, activation_bytes=activation_bytes, batch=batch),
                           remat)
-    terms = {k: int(v) for k, v in terms.items()}
+    terms = {k: int(v) for k, v in family_scaled(terms, family, remat).items()}
     terms["total"] = sum(terms.values())
     return terms
+
+
+def tied_table(config: ModelConfig, mesh: MeshShape) -> float:
+    """Under FSDP, a tied embedding's float32 gradient held whole (0 for untied tables or without FSDP)."""
+    if not config.tie_word_embeddings or mesh.fsdp == 1:
+        return 0.0
+    return TIED_COPIES * config.vocab_size * config.hidden_size / mesh.tensor / mesh.stage * 4
 
 
 def held_layers(config: ModelConfig, mesh: MeshShape, micro_batches: int, remat: str) -> float:

@@ -10,6 +10,7 @@ import dataclasses
 import time
 from collections.abc import Callable
 
+import jax
 import jax.numpy as jnp
 
 from moai_jax.accelerator import Accelerator, Hardware
@@ -23,6 +24,7 @@ from moai_jax.planner.explain import alternatives, why_chosen
 from moai_jax.planner.memory import estimate_bytes
 from moai_jax.planner.plan import Plan
 from moai_jax.planner.time_model import estimate_seconds
+from moai_jax.planner.verify import out_of_memory
 from moai_jax.planner.verify import verify as verify_plan
 from moai_jax.sizes import format_bytes
 from moai_jax.step import Verified
@@ -45,20 +47,22 @@ class Scored:
 
 
 def score(config: ModelConfig, batch_size: int, seq_len: int, hardware: Hardware, candidate: Candidate,
-          compute_dtype: str, lora: LoraConfig | None = None) -> Scored:
+          compute_dtype: str, lora: LoraConfig | None = None, family: str = "cpu") -> Scored:
+    """A candidate's estimated memory (as the `family`'s compiler allocates it) and step time."""
     c = candidate
     compute_bytes = jnp.dtype(compute_dtype).itemsize
     memory = estimate_bytes(config, batch_size, seq_len, c.mesh, micro_batches=c.micro_batches, remat=c.remat,
-                            loss=c.loss, lora=lora, base_bytes=compute_bytes)
+                            loss=c.loss, lora=lora, base_bytes=compute_bytes, family=family)
     seconds = estimate_seconds(config, batch_size, seq_len, c.mesh, hardware, micro_batches=c.micro_batches,
                                remat=c.remat, compute_bytes=compute_bytes, lora=lora)
     return Scored(c, memory, seconds)
 
 
 def rank(config: ModelConfig, batch_size: int, seq_len: int, flavor: int, hardware: Hardware, budget: int,
-         fixed: Fixed, compute_dtype: str, lora: LoraConfig | None = None) -> tuple[list[Scored], list[Scored]]:
+         fixed: Fixed, compute_dtype: str, lora: LoraConfig | None = None,
+         family: str = "cpu") -> tuple[list[Scored], list[Scored]]:
     """(fitting candidates fastest first, the rest smallest first)."""
-    scored = [score(config, batch_size, seq_len, hardware, c, compute_dtype, lora)
+    scored = [score(config, batch_size, seq_len, hardware, c, compute_dtype, lora, family)
               for c in candidates(flavor, config, batch_size, seq_len, hardware.devices_per_host, fixed)]
     fits = [s for s in scored if s.memory["total"] <= budget]
     over = sorted((s for s in scored if s.memory["total"] > budget), key=lambda s: (s.memory["total"], s.candidate.key))
@@ -72,7 +76,7 @@ def rank(config: ModelConfig, batch_size: int, seq_len: int, flavor: int, hardwa
 
 
 def smallest_flavor(config, batch_size, seq_len, hardware, memory_fraction, fixed: Fixed, start: int,
-                    compute_dtype: str = "bfloat16", lora: LoraConfig | None = None) -> int | None:
+                    compute_dtype: str = "bfloat16", lora: LoraConfig | None = None, family: str = "cpu") -> int | None:
     """The smallest flavor above `start` where some candidate's estimate fits (mesh axes left automatic)."""
     loose = dataclasses.replace(fixed, data=None, fsdp=None, tensor=None, stage=None)
     budget = int(memory_fraction * hardware.memory_bytes)
@@ -82,8 +86,8 @@ def smallest_flavor(config, batch_size, seq_len, hardware, memory_fraction, fixe
             if c.remat != "full" and loose.remat is None:
                 continue  # the most memory-saving policy answers "does anything fit"
             if estimate_bytes(config, batch_size, seq_len, c.mesh, micro_batches=c.micro_batches, remat=c.remat,
-                              loss=c.loss, lora=lora, base_bytes=jnp.dtype(compute_dtype).itemsize
-                              )["total"] <= budget:
+                              loss=c.loss, lora=lora, base_bytes=jnp.dtype(compute_dtype).itemsize,
+                              family=family)["total"] <= budget:
                 return n
     return None
 
@@ -129,7 +133,8 @@ def plan(model_config: ModelConfig, batch_size: int, seq_len: int, accelerator: 
     budget = int(memory_fraction * hardware.memory_bytes)
     if lora is not None:
         lora.check(model_config)
-    fits, over = rank(model_config, batch_size, seq_len, flavor, hardware, budget, fixed, compute_dtype, lora)
+    family = getattr(accelerator, "family", "cpu")  # the compiler that verifies: its memory model ranks
+    fits, over = rank(model_config, batch_size, seq_len, flavor, hardware, budget, fixed, compute_dtype, lora, family)
     ranked_seconds = time.perf_counter() - start
     if not over and not fits:
         raise batch_split_error(batch_size, fixed, lambda rows: candidates(
@@ -151,45 +156,57 @@ def plan(model_config: ModelConfig, batch_size: int, seq_len: int, accelerator: 
                     lora=None if lora is None else lora.to_dict())
 
     rejected: list[tuple[Scored, str]] = []
-    compiled: list[int] = []
-    for s in fits[:MAX_VERIFIES] if verify else fits[:1]:
-        chosen = base(s, why_chosen(s, fits, over, fixed), alternatives(s, fits, over, budget, rejected))
+    compiled: list[Verified] = []
+    # On a GPU or TPU target (attached or compile-only) the compiler has the last word: where no estimate
+    # fits, the smallest is compiled too, and chosen if the target's compiler fits it in the budget.
+    target_compiler = getattr(accelerator, "family", "cpu") != "cpu"
+    for s in (fits[:MAX_VERIFIES] or (over[:1] if target_compiler else [])) if verify else fits[:1]:
+        why = (why_chosen(s, fits, over, fixed) if fits else
+               f"the memory model estimated {format_bytes(s.memory['total'])}, over the {format_bytes(budget)} "
+               f"budget, for the smallest of {len(over)} candidates; its compile is the verdict")
+        chosen = base(s, why, alternatives(s, fits, over, budget, rejected))
         if not verify:
             return chosen
-        result = (verifier(chosen) if verifier is not None
-                  else verify_plan(chosen, model_config, accelerator.devices, optimizer))
+        started = time.perf_counter()
+        try:
+            result = (verifier(chosen) if verifier is not None
+                      else verify_plan(chosen, model_config, accelerator.devices, optimizer))
+        except jax.errors.JaxRuntimeError as e:  # a TPU step that does not fit fails to compile
+            result = out_of_memory(e, accelerator.devices[0], chosen.mesh.size, time.perf_counter() - started,
+                                   budget)
         timing = {**chosen.planning_seconds, "verify": round(result.seconds, 3),
                   "total": round(time.perf_counter() - start, 3)}
         if result.bytes_per_device <= budget:
             return dataclasses.replace(chosen, verified_bytes_per_device=result.bytes_per_device,
                                        verified_on=result.backend, planning_seconds=timing)
-        compiled.append(result.bytes_per_device)
+        compiled.append(result)
         rejected.append((s, f"compiled to {format_bytes(result.bytes_per_device)} on {result.backend}, over the "
-                            f"{format_bytes(budget)} budget"))
+                            f"{format_bytes(budget)} budget" + (f" ({result.error})" if result.error else "")))
 
     best = rejected[0][0] if rejected else over[0]
-    needed = max(compiled[0] if compiled else best.memory["total"], budget + 1)
+    needed = max(compiled[0].bytes_per_device if compiled else best.memory["total"], budget + 1)
+    measured = f" as compiled for {compiled[0].backend}" if compiled else ""
     shared = getattr(accelerator, "host_memory", None)  # simulated devices share this host's memory
     if shared:
         hint = host_hint(model_config, batch_size, seq_len, accelerator, budget, fixed, compute_dtype, needed,
                          memory_fraction)
     if all(v is not None for v in (data, fsdp, tensor, micro_batches, remat)):
         raise NoPlanFits(
-            f"out of memory: the fixed plan ({best.candidate.describe()}) needs {format_bytes(needed)} per device "
-            f"but {format_bytes(budget)} are available "
+            f"out of memory: the fixed plan ({best.candidate.describe()}) needs {format_bytes(needed)} per device"
+            f"{measured} but {format_bytes(budget)} are available "
             f"({memory_fraction:g} × {format_bytes(hardware.memory_bytes)} of {hardware.name}); "
             + (hint if shared else "use a larger flavor, a smaller batch, or leave knobs automatic"))
     if not shared:
         bigger = smallest_flavor(model_config, batch_size, seq_len, hardware, memory_fraction, fixed, flavor,
-                                 compute_dtype, lora)
+                                 compute_dtype, lora, family)
         hint = (f"the smallest flavor that fits is {bigger}" if bigger
                 else "no flavor up to 4096 fits; reduce the batch size or sequence length")
         if lora is None and rank(model_config, batch_size, seq_len, flavor, hardware, budget, fixed, compute_dtype,
-                                 LoraConfig())[0]:
+                                 LoraConfig(), family)[0]:
             hint += f"; LoRA (--use-lora) fits flavor {flavor}"
     fixed_text = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(fixed).items() if v is not None)
     raise NoPlanFits(
         f"no plan fits {flavor} × {hardware.name} at batch {batch_size} × {seq_len}"
         f"{' with ' + fixed_text if fixed_text else ''}: the best found ({best.candidate.describe()}) needs "
-        f"{format_bytes(needed)} per device, {format_bytes(needed - budget)} over the budget of "
+        f"{format_bytes(needed)} per device{measured}, {format_bytes(needed - budget)} over the budget of "
         f"{format_bytes(budget)}; {hint}")

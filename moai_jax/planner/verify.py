@@ -10,6 +10,7 @@ memory shape of a GPU's flash attention).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import jax
@@ -21,7 +22,7 @@ from moai_jax.models import Decoder, ModelConfig
 from moai_jax.models.lora import LoraConfig, adapted
 from moai_jax.planner.plan import Plan
 from moai_jax.sizes import format_bytes
-from moai_jax.step import Verified, compile_step
+from moai_jax.step import Verified, compile_step, describe_backend
 
 
 def abstract_model(config: ModelConfig, plan: Plan) -> Decoder:
@@ -49,3 +50,16 @@ def verified_line(plan: Plan) -> str:
     if "compile only" in (plan.verified_on or "") and "TPU" not in plan.verified_on:
         line += " (no GPU here, so XLA skipped kernel autotuning: a real GPU's temporaries can differ somewhat)"
     return line
+
+
+def out_of_memory(error: Exception, device: jax.Device, count: int, seconds: float, budget: int) -> Verified:
+    """The verdict of a compiler that refused the step for memory (a TPU's RESOURCE_EXHAUSTED): the
+    bytes it says the step needs (at least one over the budget); other errors propagate."""
+    message = str(error)
+    if "RESOURCE_EXHAUSTED" not in message:
+        raise error
+    sizes = [float(n) * 1024 ** "BKMGT".index(unit) for n, unit in re.findall(r"\(([\d.]+)([KMGT])\)", message)]
+    needed = max(int(max(sizes, default=0)), budget + 1)
+    words = message.split("RESOURCE_EXHAUSTED:", 1)[1].strip().splitlines()[0]
+    return Verified(needed, describe_backend(device, count), seconds, error=words)
+
