@@ -21,11 +21,12 @@ from flax import nnx, struct
 
 from moai_jax.errors import DataError, ModelError
 from moai_jax.models.config import ModelConfig
+from moai_jax.models.moe import router_losses
 
 IGNORE = -100
 LOSS_CHUNK = 512  # sequence positions per logits chunk under a plan's chunked loss
 BATCH_KEYS = ("input_ids", "labels", "segment_ids", "positions")
-LossFn = Callable[[nnx.Module, dict], tuple[jax.Array, jax.Array]]  # (model, batch) -> (loss_sum, tokens)
+LossFn = Callable[[nnx.Module, dict], tuple]  # (model, batch) -> (loss_sum, tokens) [, metrics weighted by tokens]
 # jax.checkpoint around a user model's loss: what its forward keeps for backward
 CHECKPOINT_POLICIES = {"none": None, "matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
@@ -42,7 +43,12 @@ def cross_entropy_sum(model: nnx.Module, batch: dict[str, jax.Array], loss_chunk
     (a divisor of the length up to) `loss_chunk` positions at a time (recomputed in backward), never `[tokens, vocab]` at once."""
     hidden_BLE = model.hidden_states(batch["input_ids"], segment_ids=batch.get("segment_ids"),
                                      positions=batch.get("positions"))
-    labels_BL = batch["labels"]
+    return hidden_cross_entropy_sum(model, hidden_BLE, batch["labels"], loss_chunk)
+
+
+def hidden_cross_entropy_sum(model: nnx.Module, hidden_BLE: jax.Array, labels_BL: jax.Array,
+                             loss_chunk: int | None = None) -> jax.Array:
+    """`cross_entropy_sum` of the model's final hidden states."""
     chunk_sum = lambda h_BCE, y_BC: masked_cross_entropy_sum(model.logits(h_BCE), y_BC)  # noqa: E731
 
     length = labels_BL.shape[1]
@@ -67,8 +73,23 @@ def masked_cross_entropy_sum(logits_BLV: jax.Array, labels_BL: jax.Array) -> jax
 
 
 def decoder_loss(loss_chunk: int | None = None) -> LossFn:
-    """moai_jax's Decoder: masked next-token loss of its hidden states, with segment ids and positions."""
-    return lambda model, batch: (cross_entropy_sum(model, batch, loss_chunk), jnp.sum(batch["labels"] != IGNORE))
+    """moai_jax's Decoder: masked next-token loss of its hidden states, with segment ids and positions.
+
+    A Mixture-of-Experts model adds its router losses as transformers does (loss + router_aux_loss_coef ·
+    load-balancing loss, + router_z_loss_coef · z-loss) and returns them, weighted by the tokens, as a third
+    element for the metrics (`router_loss`, `router_z_loss`, `dropped_fraction`)."""
+    def loss(model, batch):
+        hidden_BLE, router_X = model.hidden_states_and_router(batch["input_ids"], segment_ids=batch.get("segment_ids"),
+                                                              positions=batch.get("positions"))
+        loss_sum = hidden_cross_entropy_sum(model, hidden_BLE, batch["labels"], loss_chunk)
+        tokens = jnp.sum(batch["labels"] != IGNORE)
+        if router_X is None:
+            return loss_sum, tokens
+        c, router = model.config, router_losses(router_X, model.config)
+        penalty = c.router_aux_loss_coef * router["router_loss"] + c.router_z_loss_coef * router["router_z_loss"]
+        weight = tokens.astype(jnp.float32)
+        return loss_sum + penalty * weight, tokens, {k: v * weight for k, v in router.items()}
+    return loss
 
 
 def logits_loss(model: nnx.Module, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
@@ -130,29 +151,31 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.
 
     `remat_policy`: a jax.checkpoint policy around the model's loss (models that do not remat themselves)."""
     def objective(params, micro_batch):
-        loss_sum, tokens = loss(nnx.merge(graphdef, params, rest), micro_batch)
-        return loss_sum.astype(jnp.float32), jnp.asarray(tokens, jnp.float32)
+        loss_sum, tokens, extra = _with_extra(loss(nnx.merge(graphdef, params, rest), micro_batch))
+        return loss_sum.astype(jnp.float32), (jnp.asarray(tokens, jnp.float32), extra)
 
     if remat_policy is not None:
         objective = jax.checkpoint(objective, policy=remat_policy)
     grad_fn = jax.value_and_grad(objective, has_aux=True)
     if micro_batches == 1:
-        (loss_sum, tokens), grads = grad_fn(state.params, batch)
+        (loss_sum, (tokens, extra)), grads = grad_fn(state.params, batch)
     else:
         def accumulate(carry, micro_batch):
-            loss_sum, tokens, grad_sum = carry
-            (loss, count), grads = grad_fn(state.params, micro_batch)
+            loss_sum, tokens, extra_sum, grad_sum = carry
+            (loss, (count, extra)), grads = grad_fn(state.params, micro_batch)
             grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
             if grad_shardings is not None:
                 grad_sum = jax.lax.with_sharding_constraint(grad_sum, grad_shardings)
-            return (loss_sum + loss, tokens + count, grad_sum), None
+            return (loss_sum + loss, tokens + count, jax.tree.map(jnp.add, extra_sum, extra), grad_sum), None
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         if grad_shardings is not None:
             zeros = jax.lax.with_sharding_constraint(zeros, grad_shardings)
         zero = jnp.zeros((), jnp.float32)
-        (loss_sum, tokens, grads), _ = jax.lax.scan(accumulate, (zero, zero, zeros),
-                                                    split_micro_batches(batch, micro_batches))
+        micro = split_micro_batches(batch, micro_batches)
+        extra_shapes = jax.eval_shape(lambda b: objective(state.params, b)[1][1], jax.tree.map(lambda x: x[0], micro))
+        extra_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), extra_shapes)
+        (loss_sum, tokens, extra, grads), _ = jax.lax.scan(accumulate, (zero, zero, extra_zeros, zeros), micro)
     scale = 1.0 / jnp.where(tokens > 0, tokens, 1.0)  # tokens may be weights: a sum below 1 is fine
     grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
     if grad_shardings is not None:
@@ -160,6 +183,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss_sum * scale, "grad_norm": optax.tree.norm(grads), "tokens": tokens}
+    metrics |= {k: v * scale for k, v in extra.items()}  # per-token means over the batch (router losses)
     return TrainState(params=params, opt_state=opt_state, step=state.step + 1), metrics
 
 
@@ -168,5 +192,10 @@ def eval_step(params: Any, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDe
     """Summed loss and token count of a batch, for a held-out mean over many batches (dropout off)."""
     model = nnx.merge(graphdef, params, rest)
     model.eval()
-    loss_sum, tokens = loss(model, batch)
+    loss_sum, tokens, _ = _with_extra(loss(model, batch))
     return {"loss_sum": loss_sum, "tokens": tokens}
+
+
+def _with_extra(out: tuple) -> tuple:
+    """A loss's (loss_sum, tokens) or (loss_sum, tokens, metrics weighted by tokens) as the latter."""
+    return out if len(out) == 3 else (*out, {})

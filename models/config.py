@@ -1,6 +1,7 @@
 """The shape of a decoder model: read from a Hugging Face config.json or a named preset.
 
-One frozen dataclass covers every family (Llama, Mistral, Qwen2, Qwen3, Gemma 2, GPT-2, Baichuan 2);
+One frozen dataclass covers every family (Llama, Mistral, Qwen2, Qwen3, Gemma 2, GPT-2, Baichuan 2, and the
+Mixture-of-Experts Mixtral, Qwen3-MoE and OLMoE);
 what sets a family apart from Llama is in `families.py`. `from_pretrained` reads the
 config.json of a Hugging Face directory (transformers 4 or 5 layout), `to_hf_dict` writes one that
 `transformers.AutoConfig` reads back. `param_count` and `flops_per_token` serve the planner and MFU.
@@ -17,8 +18,8 @@ import jax.numpy as jnp
 
 from moai_jax.errors import ModelConfigError
 
-from moai_jax.models.families import (ACTIVATIONS, FAMILIES, Family, family_fields_from_hf, family_to_hf,
-                                     gpt2_fields_from_hf)
+from moai_jax.models.families import (ACTIVATIONS, FAMILIES, MOE_FAMILIES, Family, family_fields_from_hf,
+                                     family_to_hf, gpt2_fields_from_hf)
 
 ARCHITECTURES = {model_type: family.architecture for model_type, family in FAMILIES.items()}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -61,6 +62,14 @@ class ModelConfig:
     final_logit_softcapping: float | None = None  # Gemma 2: logits → cap · tanh(logits / cap)
     alibi: bool = False  # Baichuan 2 13B: ALiBi attention biases instead of rotary positions
     num_experts: int = 0  # experts per Mixture-of-Experts layer (0: a dense model)
+    num_experts_per_tok: int = 2  # top-k: the experts each token is routed to
+    moe_intermediate_size: int = 0  # each expert's MLP width (0: intermediate_size, as Mixtral and OLMoE)
+    norm_topk_prob: bool = True  # renormalise the top-k router probabilities to sum to 1 (Mixtral always does)
+    router_aux_loss_coef: float = 0.0  # weight of the load-balancing loss (transformers' aux_loss) in the loss
+    router_z_loss_coef: float = 0.0  # weight of the router z-loss (mean squared log-sum-exp of router logits)
+    capacity_factor: float | None = None  # None: dropless; else an expert takes ceil(tokens·k/E · factor) tokens
+    decoder_sparse_step: int = 1  # Qwen3-MoE: layer i is sparse when (i + 1) % step == 0 ...
+    mlp_only_layers: tuple[int, ...] = ()  # ... and i is not listed here (those layers have a dense MLP)
 
     def __post_init__(self) -> None:
         if self.model_type not in ARCHITECTURES:
@@ -81,8 +90,21 @@ class ModelConfig:
             )
         if self.hidden_act not in ACTIVATIONS:
             raise ModelConfigError(f"unsupported hidden_act {self.hidden_act!r}; supported: {', '.join(ACTIVATIONS)}")
+        if self.num_experts:
+            _check_experts(self)
         if self.alibi and self.model_type != "baichuan":
             raise ModelConfigError(f"alibi is only supported for baichuan (Baichuan 2 13B), not {self.model_type}")
+
+    @property
+    def expert_size(self) -> int:
+        """The width of each expert's MLP."""
+        return self.moe_intermediate_size or self.intermediate_size
+
+    @property
+    def sparse_layers(self) -> tuple[bool, ...]:
+        """Per layer: does it have a Mixture-of-Experts MLP (all False for a dense model)?"""
+        return tuple(bool(self.num_experts) and i not in self.mlp_only_layers and (i + 1) % self.decoder_sparse_step == 0
+                     for i in range(self.num_layers))
 
     @property
     def family(self) -> Family:
@@ -149,7 +171,7 @@ class ModelConfig:
         rope_theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
         rope.setdefault("rope_type", rope.pop("type", "default"))
         sliding_window = hf.get("sliding_window")
-        if model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
+        if model_type in ("qwen2", "qwen3", "qwen3_moe") and not hf.get("use_sliding_window", False):
             sliding_window = None
         num_heads = hf["num_attention_heads"]
         return dict(
@@ -213,19 +235,48 @@ class ModelConfig:
         return family_to_hf(self, hf)
 
 
+def _check_experts(c: ModelConfig) -> None:
+    """A Mixture-of-Experts config that routes each token to existing experts, or what to change."""
+    if c.model_type not in MOE_FAMILIES:
+        raise ModelConfigError(f"num_experts is set for {c.model_type}, which has no Mixture-of-Experts layers; "
+                               f"use one of: {', '.join(MOE_FAMILIES)}")
+    if not 1 <= c.num_experts_per_tok <= c.num_experts:
+        raise ModelConfigError(f"num_experts_per_tok ({c.num_experts_per_tok}) must be between 1 and num_experts "
+                               f"({c.num_experts}): a token cannot be routed to more experts than exist")
+    if c.capacity_factor is not None and c.capacity_factor <= 0:
+        raise ModelConfigError(f"capacity_factor must be positive (got {c.capacity_factor}); None routes dropless")
+    if c.decoder_sparse_step < 1:
+        raise ModelConfigError(f"decoder_sparse_step must be at least 1 (got {c.decoder_sparse_step})")
+
+
 def param_count(config: ModelConfig) -> int:
     """Exact number of parameters, as Hugging Face counts them (lm_head only when untied)."""
     c, f = config, config.family
     q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     attention = c.hidden_size * (2 * q_out + 2 * kv_out) + (q_out + 2 * kv_out if c.attention_bias else 0)
     attention += (c.hidden_size if f.output_bias else 0) + (2 * c.head_dim if f.qk_norm else 0)
+    attention += q_out + kv_out - 2 * c.head_dim if f.qk_norm_whole else 0
     mlp = _mlp_matrices(c) * c.hidden_size * c.intermediate_size
     mlp += 0 if f.gated_mlp else c.intermediate_size + c.hidden_size  # GPT-2's MLP biases
     norm = c.hidden_size * (2 if f.norm == "layer" else 1)  # LayerNorm has a bias too
-    layer = attention + mlp + (4 if f.sandwich_norms else 2) * norm
+    layer = attention + (4 if f.sandwich_norms else 2) * norm
     embeddings = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
     positions = c.max_position_embeddings * c.hidden_size if f.learned_positions else 0
-    return c.num_layers * layer + embeddings + positions + norm
+    sparse = sum(c.sparse_layers)
+    mlps = (c.num_layers - sparse) * mlp + sparse * _moe_params(c, c.num_experts)
+    return c.num_layers * layer + mlps + embeddings + positions + norm
+
+
+def active_param_count(config: ModelConfig) -> int:
+    """The parameters one token uses: `param_count` with each MoE layer's experts cut to the k it is routed to."""
+    c = config
+    sparse = sum(c.sparse_layers)
+    return param_count(c) - sparse * (_moe_params(c, c.num_experts) - _moe_params(c, c.num_experts_per_tok))
+
+
+def _moe_params(config: ModelConfig, experts: int) -> int:
+    """A Mixture-of-Experts MLP with `experts` experts: the router and each expert's gated MLP."""
+    return config.num_experts * config.hidden_size + experts * 3 * config.hidden_size * config.expert_size
 
 
 def _mlp_matrices(config: ModelConfig) -> int:
@@ -241,11 +292,13 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
     (the embedding lookup, norms and biases are not matmuls). Each matmul weight costs 2 FLOPs per
     token forward and 4 backward. Attention's QKᵀ and AV cost 2 · 2 · s · h · d per token and layer
     forward for full attention, ×3 with backward = 12 · L · s · h · d, halved for the causal mask.
-    Gemma 2's sliding-window layers are counted as full causal attention.
+    Gemma 2's sliding-window layers are counted as full causal attention. A Mixture-of-Experts layer
+    counts its router and the k experts a token is routed to (its active parameters).
     """
     c = config
     q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    per_layer = c.hidden_size * (2 * q_out + 2 * kv_out) + _mlp_matrices(c) * c.hidden_size * c.intermediate_size
-    matmul_params = c.num_layers * per_layer + c.vocab_size * c.hidden_size
+    dense_mlp, sparse = _mlp_matrices(c) * c.hidden_size * c.intermediate_size, sum(c.sparse_layers)
+    matmul_params = (c.num_layers * c.hidden_size * (2 * q_out + 2 * kv_out) + (c.num_layers - sparse) * dense_mlp
+                     + sparse * _moe_params(c, c.num_experts_per_tok) + c.vocab_size * c.hidden_size)
     attention = 6 * c.num_layers * seq_len * c.num_heads * c.head_dim
     return float(6 * matmul_params + attention)

@@ -30,6 +30,8 @@ class Family:
     gated_mlp: bool = True  # down(act(gate x) · up x); False: GPT-2's down(act(up x + b)) + b
     learned_positions: bool = False  # GPT-2: a table of position embeddings instead of rotary
     qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k, before rotary
+    qk_norm_whole: bool = False  # OLMoE: that RMSNorm over the whole q (and k) projection instead of each head
+    experts_prefix: str = "mlp"  # a Mixture-of-Experts layer's name in checkpoints (Mixtral: block_sparse_moe)
     sandwich_norms: bool = False  # Gemma 2: norms on the attention's and the MLP's outputs too
     scaled_embeddings: bool = False  # Gemma 2: embeddings × sqrt(hidden_size)
     alternating_window: bool = False  # Gemma 2: sliding-window attention on even layers, global on odd
@@ -46,7 +48,11 @@ FAMILIES = {
                      alternating_window=True),
     "gpt2": Family("GPT2LMHeadModel", norm="layer", gated_mlp=False, learned_positions=True, output_bias=True),
     "baichuan": Family("BaichuanForCausalLM", normalized_head=True),
+    "mixtral": Family("MixtralForCausalLM", experts_prefix="block_sparse_moe"),
+    "qwen3_moe": Family("Qwen3MoeForCausalLM", qk_norm=True),
+    "olmoe": Family("OlmoeForCausalLM", qk_norm=True, qk_norm_whole=True),
 }
+MOE_FAMILIES = ("mixtral", "qwen3_moe", "olmoe")
 _GPT2_UNSUPPORTED = ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn")
 
 
@@ -79,7 +85,44 @@ def family_fields_from_hf(model_type: str, hf: dict, source: str) -> dict:
         alibi = hf.get("position_embedding", "rope" if hf["hidden_size"] == 4096 else "alibi") == "alibi"
         positions = hf.get("max_position_embeddings") or hf.get("model_max_length", 4096)
         return {"alibi": alibi, "max_position_embeddings": positions}
+    if model_type in MOE_FAMILIES:
+        return _moe_fields_from_hf(model_type, hf, source)
     return {}
+
+
+def _moe_fields_from_hf(model_type: str, hf: dict, source: str) -> dict:
+    """The Mixture-of-Experts fields of a Mixtral, Qwen3-MoE or OLMoE config.json."""
+    if hf.get("router_jitter_noise"):
+        raise ModelConfigError(f"{source}: router_jitter_noise is not supported; set it to 0")
+    if hf.get("clip_qkv") is not None:
+        raise ModelConfigError(f"{source}: OLMoE's clip_qkv is not supported; set it to null")
+    experts = hf.get("num_local_experts") if model_type == "mixtral" else hf.get("num_experts")
+    fields = {
+        "num_experts": experts or hf.get("num_experts") or hf.get("num_local_experts") or 0,
+        "num_experts_per_tok": hf.get("num_experts_per_tok", 2),
+        "router_aux_loss_coef": float(hf.get("router_aux_loss_coef", 0.001)),
+        "norm_topk_prob": True if model_type == "mixtral" else bool(hf.get("norm_topk_prob", False)),
+    }
+    if model_type == "qwen3_moe":
+        fields |= {"moe_intermediate_size": hf["moe_intermediate_size"],
+                   "decoder_sparse_step": hf.get("decoder_sparse_step", 1),
+                   "mlp_only_layers": tuple(hf.get("mlp_only_layers") or ())}
+    return fields
+
+
+def _moe_to_hf(c, hf: dict) -> dict:
+    """`hf` with the Mixture-of-Experts keys of `c`'s family."""
+    common = {"num_experts_per_tok": c.num_experts_per_tok, "router_aux_loss_coef": c.router_aux_loss_coef,
+              "output_router_logits": False}
+    if c.model_type == "mixtral":
+        return hf | common | {"num_local_experts": c.num_experts, "sliding_window": c.sliding_window,
+                              "router_jitter_noise": 0.0}
+    hf = hf | common | {"num_experts": c.num_experts, "norm_topk_prob": c.norm_topk_prob, "attention_bias": False}
+    if c.model_type == "olmoe":
+        return hf | {"clip_qkv": None}
+    return hf | {"moe_intermediate_size": c.expert_size, "decoder_sparse_step": c.decoder_sparse_step,
+                 "mlp_only_layers": list(c.mlp_only_layers), "use_sliding_window": c.sliding_window is not None,
+                 "sliding_window": c.sliding_window}
 
 
 def gpt2_fields_from_hf(hf: dict, source: str) -> dict:
@@ -140,4 +183,6 @@ def family_to_hf(config, hf: dict) -> dict:
         }
     if c.model_type == "baichuan":
         return hf | {"position_embedding": "alibi" if c.alibi else "rope", "model_max_length": c.max_position_embeddings}
+    if c.model_type in MOE_FAMILIES:
+        return _moe_to_hf(c, hf)
     return hf

@@ -5,7 +5,9 @@ turns it into the Decoder's layout (stacked over layers, heads split out, [in, o
 places it straight onto its target sharding, so a checkpoint never sits whole on one device.
 `save_pretrained` writes the reverse, gathering one layer of one parameter at a time. Each family
 names its tensors its own way (`_family_tensors`); fused projections (GPT-2's c_attn, Baichuan's
-W_pack) are split into q/k/v on the way in and joined on the way out.
+W_pack) are split into q/k/v on the way in and joined on the way out. Mixture-of-Experts layers are
+read one tensor per expert (the Hub's layout, which transformers 5's save_pretrained writes too) or as
+transformers 5's fused `gate_up_proj`; they are written one tensor per expert.
 """
 
 from __future__ import annotations
@@ -73,6 +75,10 @@ def _layouts(head_dim: int) -> dict[str, _Layout]:
             lambda a: a.reshape(-1, a.shape[-1]),
             lambda s: (s[0] * s[1], s[2]),
         ),
+        # transformers 5's fused experts: HF [experts, out, in] ↔ ours [experts, in, out] (gate_up_proj: gate first)
+        "experts_transposed": _Layout(
+            lambda a: a.transpose(0, 2, 1), lambda a: a.transpose(0, 2, 1), lambda s: (s[0], s[2], s[1]), fused_axis=1,
+        ),
     }
 
 
@@ -128,12 +134,41 @@ _BAICHUAN_LAYER = {
     **{k: v for k, v in _LAYER_TENSORS.items() if not k.startswith(("self_attn.q_", "self_attn.k_", "self_attn.v_"))},
     "self_attn.W_pack.weight": [(("attention", name), "into_heads") for name in _QKV],
 }
+_DENSE_MLP = ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
+_EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2")}  # gate, up, down of each expert on disk (others: *_proj)
+
+
+def _moe_tensors(model_type: str, prefix: str, fused: bool) -> dict:
+    """A Mixture-of-Experts layer's tensors: one per expert on disk ("{e}" in the name: the expert), or
+    transformers 5's in-memory fused layout (`mlp.experts.gate_up_proj [E, 2I, H]`, `down_proj [E, H, I]`)."""
+    if fused:
+        return {"mlp.gate.weight": (("mlp", "router"), "transposed"),
+                "mlp.experts.gate_up_proj": [(("mlp", "gate_proj"), "experts_transposed"),
+                                             (("mlp", "up_proj"), "experts_transposed")],
+                "mlp.experts.down_proj": (("mlp", "down_proj"), "experts_transposed")}
+    gate, up, down = _EXPERT_NAMES.get(model_type, ("gate_proj", "up_proj", "down_proj"))
+    return {f"{prefix}.gate.weight": (("mlp", "router"), "transposed"),
+            f"{prefix}.experts.{{e}}.{gate}.weight": (("mlp", "gate_proj"), "transposed"),
+            f"{prefix}.experts.{{e}}.{up}.weight": (("mlp", "up_proj"), "transposed"),
+            f"{prefix}.experts.{{e}}.{down}.weight": (("mlp", "down_proj"), "transposed")}
+
+
+_OLMOE_QK_NORMS = {  # over the whole projection: HF [heads * head_dim] ↔ ours [heads, head_dim]
+    "self_attn.q_norm.weight": (("attention", "q_norm", "weight"), "bias"),
+    "self_attn.k_norm.weight": (("attention", "k_norm", "weight"), "bias"),
+}
 # GPT-2 as OpenAI published it: no "transformer." prefix, and causal-mask buffers saved with the weights.
 _GPT2_BUFFERS = (".attn.bias", ".attn.masked_bias")
 
 
-def _family_tensors(model_type: str) -> tuple[dict, str, dict]:
+def _family_tensors(config: ModelConfig, fused_experts: bool = False) -> tuple[dict, str, dict]:
     """(model-level tensors, the per-layer prefix, per-layer tensors) of a family's checkpoints."""
+    model_type = config.model_type
+    if config.num_experts:
+        layer = {k: v for k, v in _LAYER_TENSORS.items() if k not in _DENSE_MLP}
+        layer |= _OLMOE_QK_NORMS if model_type == "olmoe" else {}
+        return _MODEL_TENSORS, "model.layers.{i}.", layer | _moe_tensors(model_type, config.family.experts_prefix,
+                                                                         fused_experts)
     if model_type == "gpt2":
         return _GPT2_MODEL, "transformer.h.{i}.", _GPT2_LAYER
     if model_type == "gemma2":
@@ -152,6 +187,7 @@ class _Tensor:
     layout: _Layout
     stacked: bool
     part: tuple[int, int] = (0, 1)  # (which, of how many) parts of a fused Hugging Face tensor
+    experts: int = 0  # > 0: each layer's parameter stacks this many tensors, one per expert (hf_names layer-major)
 
     def hf_part(self, array: np.ndarray) -> np.ndarray:
         """This parameter's part of a (possibly fused) Hugging Face tensor."""
@@ -159,15 +195,17 @@ class _Tensor:
         return array if count == 1 else np.split(array, count, axis=self.layout.fused_axis)[which]
 
 
-def _tensors(config: ModelConfig, params: dict) -> list[_Tensor]:
+def _tensors(config: ModelConfig, params: dict, fused_experts: bool = False) -> list[_Tensor]:
     """The parameters present in `params` (a pure dict of the Decoder's state), in Hugging Face order."""
     layouts = _layouts(config.head_dim)
-    model_tensors, prefix, layer_tensors = _family_tensors(config.model_type)
+    model_tensors, prefix, layer_tensors = _family_tensors(config, fused_experts)
     tensors = [_Tensor(path, (name,), layouts[kind], False) for name, (path, kind) in model_tensors.items()]
     for name, parts in layer_tensors.items():
         parts = parts if isinstance(parts, list) else [parts]
-        names = tuple(prefix.format(i=i) + name for i in range(config.num_layers))
-        tensors += [_Tensor(("layers", *path), names, layouts[kind], True, (which, len(parts)))
+        experts = config.num_experts if "{e}" in name else 0
+        names = tuple(prefix.format(i=i) + name.format(e=e) for i in range(config.num_layers)
+                      for e in range(max(experts, 1)))
+        tensors += [_Tensor(("layers", *path), names, layouts[kind], True, (which, len(parts)), experts)
                     for which, (path, kind) in enumerate(parts)]
     return [t for t in tensors if _has(params, t.path)]
 
@@ -238,7 +276,7 @@ class _Checkpoint:
         """Every expected tensor is there with the shape config.json implies, and nothing else."""
         expected = set()
         for tensor in tensors:
-            our_shape = _get(params, tensor.path).shape[1:] if tensor.stacked else _get(params, tensor.path).shape
+            our_shape = _get(params, tensor.path).shape[(1 if tensor.stacked else 0) + (1 if tensor.experts else 0):]
             want = list(tensor.layout.hf_shape(tuple(our_shape)))
             want[tensor.layout.fused_axis] *= tensor.part[1]
             want = tuple(want)
@@ -255,7 +293,9 @@ class _Checkpoint:
                         f"{self.path / self.files[name]}: tensor {name!r} has shape {list(got)}, but config.json "
                         f"implies {list(want)} (hidden_size={config.hidden_size}, num_attention_heads="
                         f"{config.num_heads}, num_key_value_heads={config.num_kv_heads}, head_dim={config.head_dim}, "
-                        f"intermediate_size={config.intermediate_size}, vocab_size={config.vocab_size}); "
+                        f"intermediate_size={config.intermediate_size}, vocab_size={config.vocab_size}"
+                        + (f", num_experts={config.num_experts}, moe_intermediate_size={config.expert_size}"
+                           if config.num_experts else "") + "); "
                         "make config.json match the weights"
                     )
         ignored = {"lm_head.weight"} if config.tie_word_embeddings else set()
@@ -271,6 +311,11 @@ class _Checkpoint:
         """The part `index` of a Decoder parameter, read from the checkpoint layer by layer."""
         if not tensor.stacked:
             return tensor.layout.to_ours(tensor.hf_part(self.read(tensor.hf_names[0])))[index].astype(dtype)
+        if tensor.experts:  # layer-major names, one per expert: each layer stacks its experts' tensors
+            e = tensor.experts
+            layers = range(len(tensor.hf_names) // e)[index[0]]
+            return np.stack([np.stack([tensor.layout.to_ours(self.read(tensor.hf_names[i * e + j]))[index[2:]]
+                                       for j in range(e)[index[1]]]).astype(dtype) for i in layers])
         names = tensor.hf_names[index[0]]
         layers = [tensor.layout.to_ours(tensor.hf_part(self.read(name)))[index[1:]].astype(dtype) for name in names]
         return np.stack(layers)
@@ -308,9 +353,9 @@ def load_pretrained(path: str | Path, dtype=jnp.float32, param_dtype=jnp.float32
     graphdef, state = nnx.split(abstract)
     params = nnx.to_pure_dict(state)
     targets = nnx.to_pure_dict(shardings) if isinstance(shardings, nnx.State) else shardings
-    tensors = _tensors(config, params)
     with contextlib.ExitStack() as stack:
         checkpoint = _Checkpoint(path, stack)
+        tensors = _tensors(config, params, fused_experts="model.layers.0.mlp.experts.gate_up_proj" in checkpoint.files)
         if config.model_type == "gpt2":
             checkpoint.add_missing_prefix("transformer.", "wte.weight")
         checkpoint.check(config, tensors, params)
@@ -328,9 +373,11 @@ def _hf_tensors(model: Decoder, dtype):
     parts: dict[str, list] = {}  # Hugging Face name → (layout, shape, a function that reads it) of each part
     for tensor in _tensors(model.config, params):
         value = _get(params, tensor.path)
-        shape = tensor.layout.hf_shape(tuple(value.shape[1:] if tensor.stacked else value.shape))
+        shape = tensor.layout.hf_shape(tuple(value.shape[(1 if tensor.stacked else 0) + (1 if tensor.experts else 0):]))
         for i, name in enumerate(tensor.hf_names):
             read = (lambda v=value, i=i: v[i]) if tensor.stacked else (lambda v=value: v)
+            if tensor.experts:
+                read = lambda v=value, i=i, e=tensor.experts: v[i // e, i % e]  # noqa: E731
             parts.setdefault(name, []).append((tensor.layout, shape, read))
     for name, pieces in parts.items():
         layout, shape, _ = pieces[0]

@@ -21,9 +21,11 @@ from moai_jax.errors import ModelConfigError
 from moai_jax.models import attention as attention_lib
 from moai_jax.models import kv_cache
 from moai_jax.models import lora
+from moai_jax.models import moe as moe_lib
 from moai_jax.models.config import ModelConfig
 from moai_jax.models.dense import dense
 from moai_jax.models.families import ACTIVATIONS
+from moai_jax.models.moe import MoE
 from moai_jax.models.pipeline import pipelined_layers
 from moai_jax.sharding.annotate import constrain
 
@@ -68,18 +70,22 @@ def apply_rotary(x_BTNH, cos_BTH, sin_BTH):
 
 
 class RMSNorm(nnx.Module):
-    """Over the hidden size, or over each head (`per_head`, Qwen3's q/k norms). Gemma scales by 1 + w."""
+    """Over the hidden size, or over each head (`per_head`, Qwen3's q/k norms), or over all of a projection's
+    heads (`heads`: ("heads" or "kv_heads", how many), OLMoE's q/k norms). Gemma scales by 1 + w."""
 
-    def __init__(self, config: ModelConfig, *, dtype, param_dtype, per_head: bool = False):
+    def __init__(self, config: ModelConfig, *, dtype, param_dtype, per_head: bool = False,
+                 heads: tuple[str, int] | None = None):
         size, names = (config.head_dim, ("head_dim",)) if per_head else (config.hidden_size, ("embed",))
+        if heads is not None:
+            size, names = (heads[1], config.head_dim), (heads[0], "head_dim")
         self.plus_one = config.family.norm == "rms_plus_one"
         init = jnp.zeros if self.plus_one else jnp.ones
-        self.weight = nnx.Param(init((size,), param_dtype), out_sharding=names, eager_sharding=False)
-        self.eps, self.dtype = config.rms_norm_eps, dtype
+        self.weight = nnx.Param(init(size, param_dtype), out_sharding=names, eager_sharding=False)
+        self.eps, self.dtype, self.axes = config.rms_norm_eps, dtype, (-1,) if heads is None else (-2, -1)
 
     def __call__(self, x_BTE):
         x32_BTE = x_BTE.astype(jnp.float32)
-        normed = x32_BTE * jax.lax.rsqrt(jnp.mean(x32_BTE**2, axis=-1, keepdims=True) + self.eps)
+        normed = x32_BTE * jax.lax.rsqrt(jnp.mean(x32_BTE**2, axis=self.axes, keepdims=True) + self.eps)
         if self.plus_one:  # Gemma multiplies in float32, then casts
             return (normed * (1.0 + self.weight[...].astype(jnp.float32))).astype(self.dtype)
         return normed.astype(self.dtype) * self.weight[...].astype(self.dtype)
@@ -109,8 +115,11 @@ class Attention(nnx.Module):
         if config.family.output_bias:
             self.o_bias = _param(rngs, (e,), ("embed",), param_dtype, nnx.initializers.zeros)
         if config.family.qk_norm:
-            self.q_norm = RMSNorm(config, dtype=dtype, param_dtype=param_dtype, per_head=True)
-            self.k_norm = RMSNorm(config, dtype=dtype, param_dtype=param_dtype, per_head=True)
+            whole = config.family.qk_norm_whole  # OLMoE: over the whole projection, not each head
+            self.q_norm = RMSNorm(config, dtype=dtype, param_dtype=param_dtype, per_head=True,
+                                  heads=("heads", n) if whole else None)
+            self.k_norm = RMSNorm(config, dtype=dtype, param_dtype=param_dtype, per_head=True,
+                                  heads=("kv_heads", k) if whole else None)
         self.attention_bias, self.dtype, self.config = config.attention_bias, dtype, config
 
     def _project(self, x_BTE, weight, bias, heads: str, name: str):
@@ -182,27 +191,40 @@ class Block(nnx.Module):
     """One decoder layer: pre-norm attention and pre-norm MLP, each added to the residual.
 
     With sandwich norms (Gemma 2) the attention's and the MLP's outputs are normed too before the add.
+    A Mixture-of-Experts model's MLP is an `MoE` (models/moe.py); the block then also returns its router's
+    statistics per row (None otherwise), and the cache (None without one).
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
         self.input_norm = _norm(config, dtype=dtype, param_dtype=param_dtype)
         self.attention = Attention(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.post_attention_norm = _norm(config, dtype=dtype, param_dtype=param_dtype)
-        self.mlp = MLP(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.sparse = bool(config.num_experts)
+        if self.sparse:
+            self.mlp = MoE(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        else:
+            self.mlp = MLP(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.sandwich = config.family.sandwich_norms
         if self.sandwich:
             self.attention_output_norm = _norm(config, dtype=dtype, param_dtype=param_dtype)
             self.mlp_output_norm = _norm(config, dtype=dtype, param_dtype=param_dtype)
 
-    def __call__(self, x_BTE, cos_BTH, sin_BTH, segment_ids_BT, implementation: str, window=None, cache=None):
+    def __call__(self, x_BTE, cos_BTH, sin_BTH, segment_ids_BT, implementation: str, window=None, cache=None,
+                 moe_implementation: str = "auto", pipeline_stages: int = 1):
+        """→ (x, the updated cache or None, router statistics [B, 1, 2E + 3] or None)."""
         y_BTE = self.attention(self.input_norm(x_BTE), cos_BTH, sin_BTH, segment_ids_BT, implementation, window, cache)
         if cache is not None:
             y_BTE, cache = y_BTE
         x_BTE = x_BTE + (self.attention_output_norm(y_BTE) if self.sandwich else y_BTE)
-        y_BTE = self.mlp(self.post_attention_norm(x_BTE))
+        router_stats = None
+        if self.sparse:
+            y_BTE, router_stats = self.mlp(self.post_attention_norm(x_BTE), segment_ids_BT, moe_implementation,
+                                           all_to_all=pipeline_stages == 1)
+        else:
+            y_BTE = self.mlp(self.post_attention_norm(x_BTE))
         x_BTE = x_BTE + (self.mlp_output_norm(y_BTE) if self.sandwich else y_BTE)
         x_BTE = constrain(x_BTE, ("batch", "length", "embed"))
-        return x_BTE if cache is None else (x_BTE, cache)
+        return x_BTE, cache, router_stats
 
 
 def _stacked_blocks(config: ModelConfig, rngs: nnx.Rngs, dtype, param_dtype) -> Block:
@@ -225,15 +247,20 @@ class Decoder(nnx.Module):
     `dtype` is the compute dtype, `param_dtype` the storage dtype. `remat` ("none", "matmuls",
     "full") and `attention` ("auto", "xla", "cudnn", "blockwise") are plain attributes that may be
     changed before the model is split and jitted; so are `pipeline_stages` and
-    `pipeline_micro_batches` (the step builder sets them from the plan: see models/pipeline.py).
+    `pipeline_micro_batches` (the step builder sets them from the plan: see models/pipeline.py), and
+    `moe_implementation` ("auto", "dense", "sorted": see models/moe.py) for Mixture-of-Experts models.
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-                 remat: str = "none", attention: str = "auto"):
+                 remat: str = "none", attention: str = "auto", moe_implementation: str = "auto"):
         _check_choice("remat", remat, REMAT_POLICIES)
         _check_choice("attention", attention, attention_lib.IMPLEMENTATIONS)
+        _check_choice("moe_implementation", moe_implementation, moe_lib.IMPLEMENTATIONS)
+        if config.num_experts and not all(config.sparse_layers):
+            raise ModelConfigError("Mixture-of-Experts models whose layers mix dense MLPs and experts (mlp_only_layers, "
+                                   "decoder_sparse_step > 1) are not supported yet; every layer must be sparse")
         self.config, self.dtype, self.param_dtype = config, dtype, param_dtype
-        self.remat, self.attention = remat, attention
+        self.remat, self.attention, self.moe_implementation = remat, attention, moe_implementation
         self.pipeline_stages, self.pipeline_micro_batches = 1, 1
         self.embedding = _param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), param_dtype)
         if config.family.learned_positions:
@@ -249,6 +276,11 @@ class Decoder(nnx.Module):
 
     def hidden_states(self, input_ids_BT, *, segment_ids=None, positions=None):
         """The final-normed hidden states [batch, length, embed] in the compute dtype."""
+        return self.hidden_states_and_router(input_ids_BT, segment_ids=segment_ids, positions=positions)[0]
+
+    def hidden_states_and_router(self, input_ids_BT, *, segment_ids=None, positions=None):
+        """(final-normed hidden states, the router's statistics summed over layers and rows [2E + 3], or None
+        for a dense model: `moe.router_losses` turns them into the load-balancing loss)."""
         c = self.config
         _check_choice("remat", self.remat, REMAT_POLICIES)
         implementation = attention_lib.resolve(self.attention, self.dtype, c.head_dim)
@@ -268,10 +300,17 @@ class Decoder(nnx.Module):
         layer_state = lora.frozen_as_bits(lora.seed_dropout(layer_state, input_ids_BT))
         windows_L = self._windows(length)
 
-        def layer(x_BTE, state_and_window, cos_BTH, sin_BTH, segment_ids_BT):
+        sparse = bool(c.num_experts)
+
+        def layer(carry, state_and_window, cos_BTH, sin_BTH, segment_ids_BT):
+            """One layer; a sparse model's carry is (x, router statistics per row [B, 1, 2E + 3] so far)."""
             state, window = state_and_window
             state = lora.frozen_from_bits(state, self.dtype)
-            return nnx.merge(graphdef, state)(x_BTE, cos_BTH, sin_BTH, segment_ids_BT, implementation, window)
+            x_BTE, stats_B1X = carry if sparse else (carry, None)
+            x_BTE, _, layer_stats = nnx.merge(graphdef, state)(x_BTE, cos_BTH, sin_BTH, segment_ids_BT, implementation,
+                                                               window, moe_implementation=self.moe_implementation,
+                                                               pipeline_stages=self.pipeline_stages)
+            return (x_BTE, stats_B1X + layer_stats) if sparse else x_BTE
 
         if self.remat == "matmuls":
             layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.save_only_these_names(*MATMUL_NAMES),
@@ -279,14 +318,16 @@ class Decoder(nnx.Module):
         elif self.remat == "full":
             layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
         layer_state = (layer_state, windows_L)  # the windows go with their layers, through the stages too
+        carry = (x_BTE, jnp.zeros((batch, 1, moe_lib.stats_width(c.num_experts)), jnp.float32)) if sparse else x_BTE
         if self.pipeline_stages > 1:
-            x_BTE = pipelined_layers(layer, layer_state, x_BTE, (cos_BTH, sin_BTH, segment_ids),
+            carry = pipelined_layers(layer, layer_state, carry, (cos_BTH, sin_BTH, segment_ids),
                                      stages=self.pipeline_stages, micro_batches=self.pipeline_micro_batches,
                                      remat_stage=self.remat == "full")
         else:
-            x_BTE, _ = jax.lax.scan(lambda x, state: (layer(x, state, cos_BTH, sin_BTH, segment_ids), None), x_BTE,
+            carry, _ = jax.lax.scan(lambda x, state: (layer(x, state, cos_BTH, sin_BTH, segment_ids), None), carry,
                                     layer_state)
-        return self.final_norm(x_BTE)
+        x_BTE, stats_B1X = carry if sparse else (carry, None)
+        return self.final_norm(x_BTE), None if stats_B1X is None else jnp.sum(stats_B1X, axis=(0, 1))
 
     def _inputs(self, input_ids_BT, positions_BT):
         """The embedded tokens [B, T, E] and the rotary cos/sin of their positions (None without rotary)."""
@@ -322,7 +363,8 @@ class Decoder(nnx.Module):
         def layer(x_BTE, xs):
             state, window, key, value = xs
             block = nnx.merge(graphdef, state)
-            x_BTE, updated = block(x_BTE, cos_BTH, sin_BTH, None, implementation, window, cache.layer(key, value))
+            x_BTE, updated, _ = block(x_BTE, cos_BTH, sin_BTH, None, implementation, window, cache.layer(key, value),
+                                      moe_implementation=self.moe_implementation)
             return x_BTE, (updated.key, updated.value)
 
         xs = (layer_state, self._windows(cache.valid.shape[1]), cache.key, cache.value)

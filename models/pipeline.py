@@ -54,14 +54,16 @@ def pipelined_layers(layer: Callable[..., jax.Array], layer_state: Any, x_BTE: j
                      stages: int, micro_batches: int, remat_stage: bool = False) -> jax.Array:
     """`layer(x, state, *extras)` applied for every layer of `layer_state` (stacked along axis 0), as a
     pipeline of `stages` stages over `micro_batches` micro-batches. `extras` are per-row inputs
-    ([B, ...] arrays or None, e.g. rotary tables and segment ids) that go with each micro-batch."""
+    ([B, ...] arrays or None, e.g. rotary tables and segment ids) that go with each micro-batch. `x_BTE` may
+    be a tuple of per-row arrays (a Mixture-of-Experts model carries its router's statistics [B, 1, X] too)."""
     num_layers = jax.tree.leaves(layer_state)[0].shape[0]
-    check_pipeline(num_layers, x_BTE.shape[0], stages, micro_batches)
+    check_pipeline(num_layers, jax.tree.leaves(x_BTE)[0].shape[0], stages, micro_batches)
+    tree = jax.tree.map
     S, M = stages, micro_batches
 
     # [layers, ...] → [stages, layers / stages, ...]: the stage axis keeps the layers' sharding over `stage`
     stage_state = jax.tree.map(lambda w: w.reshape(S, num_layers // S, *w.shape[1:]), layer_state)
-    inputs_MBTE = split_micro_batches(x_BTE, M)
+    inputs_MBTE = tree(lambda a: split_micro_batches(a, M), x_BTE)
     extras_M = jax.tree.map(lambda a: split_micro_batches(a, M), extras)
 
     def on_stages(a):  # the leading axis of a per-stage array lies along the stage mesh axis
@@ -79,16 +81,16 @@ def pipelined_layers(layer: Callable[..., jax.Array], layer_state: Any, x_BTE: j
     def tick(carry, t):
         held_SBTE, outputs_MBTE = carry
         # Stage 0 takes micro-batch t (past the last one it repeats it: those results are never kept).
-        held_SBTE = on_stages(held_SBTE.at[0].set(inputs_MBTE[jnp.minimum(t, M - 1)]))
+        held_SBTE = tree(lambda h, i: on_stages(h.at[0].set(i[jnp.minimum(t, M - 1)])), held_SBTE, inputs_MBTE)
         which_S = jnp.clip(t - jnp.arange(S), 0, M - 1)  # the micro-batch each stage holds
         extras_S = jax.tree.map(lambda a: on_stages(a[which_S]), extras_M)
         with mapped_over(stage_axis):  # a shard_map in a layer (context parallelism) is manual over stages too
-            y_SBTE = on_stages(all_stages(stage_state, held_SBTE, extras_S))
+            y_SBTE = tree(on_stages, all_stages(stage_state, held_SBTE, extras_S))
         # The last stage's output is micro-batch t − (S − 1); before it is real, index 0 is overwritten later.
-        outputs_MBTE = jax.lax.dynamic_update_index_in_dim(outputs_MBTE, y_SBTE[S - 1], jnp.maximum(t - (S - 1), 0),
-                                                           0)
-        return (jnp.roll(y_SBTE, 1, axis=0), outputs_MBTE), None
+        outputs_MBTE = tree(lambda o, y: jax.lax.dynamic_update_index_in_dim(o, y[S - 1], jnp.maximum(t - (S - 1), 0),
+                                                                             0), outputs_MBTE, y_SBTE)
+        return (tree(lambda y: jnp.roll(y, 1, axis=0), y_SBTE), outputs_MBTE), None
 
-    held_SBTE = on_stages(jnp.zeros((S, *inputs_MBTE.shape[1:]), x_BTE.dtype))
-    (_, outputs_MBTE), _ = jax.lax.scan(tick, (held_SBTE, jnp.zeros_like(inputs_MBTE)), jnp.arange(M + S - 1))
-    return merge_micro_batches(outputs_MBTE)
+    held_SBTE = tree(lambda i: on_stages(jnp.zeros((S, *i.shape[1:]), i.dtype)), inputs_MBTE)
+    (_, outputs_MBTE), _ = jax.lax.scan(tick, (held_SBTE, tree(jnp.zeros_like, inputs_MBTE)), jnp.arange(M + S - 1))
+    return tree(merge_micro_batches, outputs_MBTE)
