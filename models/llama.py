@@ -210,7 +210,7 @@ class Block(nnx.Module):
             self.mlp_output_norm = _norm(config, dtype=dtype, param_dtype=param_dtype)
 
     def __call__(self, x_BTE, cos_BTH, sin_BTH, segment_ids_BT, implementation: str, window=None, cache=None,
-                 moe_implementation: str = "auto", pipeline_stages: int = 1):
+                 moe_implementation: str = "auto"):
         """→ (x, the updated cache or None, router statistics [B, 1, 2E + 3] or None)."""
         y_BTE = self.attention(self.input_norm(x_BTE), cos_BTH, sin_BTH, segment_ids_BT, implementation, window, cache)
         if cache is not None:
@@ -218,8 +218,7 @@ class Block(nnx.Module):
         x_BTE = x_BTE + (self.attention_output_norm(y_BTE) if self.sandwich else y_BTE)
         router_stats = None
         if self.sparse:
-            y_BTE, router_stats = self.mlp(self.post_attention_norm(x_BTE), segment_ids_BT, moe_implementation,
-                                           all_to_all=pipeline_stages == 1)
+            y_BTE, router_stats = self.mlp(self.post_attention_norm(x_BTE), segment_ids_BT, moe_implementation)
         else:
             y_BTE = self.mlp(self.post_attention_norm(x_BTE))
         x_BTE = x_BTE + (self.mlp_output_norm(y_BTE) if self.sandwich else y_BTE)
@@ -308,8 +307,7 @@ class Decoder(nnx.Module):
             state = lora.frozen_from_bits(state, self.dtype)
             x_BTE, stats_B1X = carry if sparse else (carry, None)
             x_BTE, _, layer_stats = nnx.merge(graphdef, state)(x_BTE, cos_BTH, sin_BTH, segment_ids_BT, implementation,
-                                                               window, moe_implementation=self.moe_implementation,
-                                                               pipeline_stages=self.pipeline_stages)
+                                                               window, moe_implementation=self.moe_implementation)
             return (x_BTE, stats_B1X + layer_stats) if sparse else x_BTE
 
         if self.remat == "matmuls":

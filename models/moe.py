@@ -12,7 +12,7 @@ Three ways to compute it, the same function (up to rounding) when nothing is dro
 - "sorted": the token-expert pairs sorted by expert and run as a grouped matmul (`jax.lax.ragged_dot`),
   dropless; "auto" picks it on GPU and TPU.
 - expert parallelism, whenever the active logical sharding splits `experts` over a mesh axis: inside a
-  `jax.shard_map` manual over that axis only (the rest stays with GSPMD), each device routes its own
+  `jax.shard_map` manual over that axis only (and a pipeline's stages; the rest stays with GSPMD), each device routes its own
   tokens, sends each pair to the device holding its expert with one `all_to_all`, runs its experts on
   what it received (sorted, as above) and sends the results back with a second `all_to_all`. The
   buffers have static shapes: dropless, each destination has room for every pair a device could send it
@@ -41,7 +41,7 @@ from jax.sharding import PartitionSpec as P
 from moai_jax.errors import ModelConfigError
 from moai_jax.models.config import ModelConfig
 from moai_jax.models.families import ACTIVATIONS
-from moai_jax.sharding.annotate import active_mesh, constrain, mesh_axis
+from moai_jax.sharding.annotate import active_mesh, constrain, manual_axes, mesh_axis
 
 IMPLEMENTATIONS = ("auto", "dense", "sorted")
 _INIT = nnx.initializers.normal(stddev=0.02)
@@ -92,9 +92,7 @@ class MoE(nnx.Module):
         self.down_proj = _param(rngs, (e, f, h), ("experts", "mlp", "embed"), param_dtype)
         self.config, self.dtype = config, dtype
 
-    def __call__(self, x_BTD, segment_ids_BT, implementation: str = "auto", all_to_all: bool = True):
-        """`all_to_all` False: no expert parallelism by all-to-all even where the experts are split (inside a
-        pipeline's vmap over stages, where this JAX cannot lower a shard_map); GSPMD gathers the weights."""
+    def __call__(self, x_BTD, segment_ids_BT, implementation: str = "auto"):
         c = self.config
         b, t, d = x_BTD.shape
         mask_BT = jnp.ones((b, t), jnp.float32) if segment_ids_BT is None else (segment_ids_BT != 0).astype(jnp.float32)
@@ -102,12 +100,12 @@ class MoE(nnx.Module):
         router_DE = self.router[...].astype(jnp.float32)
         mesh, axis = active_mesh(), mesh_axis("experts", c.num_experts)
         shards = mesh.shape[axis] if isinstance(axis, str) else 1
-        if all_to_all and shards > 1 and b % shards == 0:
+        if shards > 1 and b % shards == 0:
             def local(x_BTD, mask_BT, router_DE, *weights):
                 return _routed(x_BTD, mask_BT, router_DE, weights, c, "sorted", axis, shards)
 
             y_BTD, stats_B1X = jax.shard_map(
-                local, mesh=mesh, axis_names={axis}, in_specs=(P(axis), P(axis), P(), P(axis), P(axis), P(axis)),
+                local, mesh=mesh, axis_names=manual_axes(axis), in_specs=(P(axis), P(axis), P(), P(axis), P(axis), P(axis)),
                 out_specs=(P(axis), P(axis)))(x_BTD, mask_BT, router_DE, *weights)
         else:
             y_BTD, stats_B1X = _routed(x_BTD, mask_BT, router_DE, weights, c, resolve(implementation, c), None, 1)
