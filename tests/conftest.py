@@ -52,3 +52,42 @@ def bpe_tokenizer_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("bpe") / "tokenizer"
     fast.save_pretrained(str(path))
     return path
+
+
+# -- what each test costs, in CPU-seconds (docs/testing.md) -------------------------------------------------
+# `MOAI_TEST_CPU=costs.jsonl python -m pytest ...` appends one line per test: its CPU-seconds (user + system, of
+# this process and of the subprocesses it waited for) and wall seconds, setup and teardown included, so a
+# module-scoped fixture is charged to the first test that uses it. CPU-seconds barely change when other work
+# shares the cores, wall seconds do. At the end the run prints the CPU-seconds per file.
+COSTS = os.environ.get("MOAI_TEST_CPU")
+
+
+def _cpu_seconds() -> float:
+    import resource
+
+    return sum(u.ru_utime + u.ru_stime for u in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))
+
+
+if COSTS:
+    import json
+    import time
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_protocol(item, nextitem):
+        cpu, wall = _cpu_seconds(), time.monotonic()
+        yield
+        record = {"test": item.nodeid, "cpu_s": round(_cpu_seconds() - cpu, 2), "wall_s": round(time.monotonic() - wall, 2)}
+        with open(COSTS, "a") as out:  # one short line per write: both xdist workers append safely
+            out.write(json.dumps(record) + "\n")
+
+    def pytest_terminal_summary(terminalreporter, config):
+        if hasattr(config, "workerinput") or not Path(COSTS).is_file():  # an xdist worker: the controller prints
+            return
+        per_file: dict[str, list[float]] = {}
+        for record in map(json.loads, Path(COSTS).read_text().splitlines()):
+            costs = per_file.setdefault(record["test"].split("::")[0], [0.0, 0.0, 0])
+            costs[0], costs[1], costs[2] = costs[0] + record["cpu_s"], costs[1] + record["wall_s"], costs[2] + 1
+        terminalreporter.write_sep("=", f"CPU-seconds per file ({COSTS})")
+        for name, (cpu, wall, tests) in sorted(per_file.items(), key=lambda kv: -kv[1][0]):
+            terminalreporter.write_line(f"{cpu:8.1f} CPU-s {wall:8.1f} s wall {tests:4d} tests  {name}")
+        terminalreporter.write_line(f"{sum(c[0] for c in per_file.values()):8.1f} CPU-s in all")
