@@ -26,21 +26,11 @@ pytestmark = pytest.mark.xdist_group("checkpoint")
 
 ROOT = Path(__file__).resolve().parents[1]
 FINETUNE = ROOT / "scripts" / "finetune.py"
-RUN = ["--batch-size", "8", "--block-size", "32", "--max-steps", "20"]
+# the run of test_distributed.py's one-process reference on the same mesh: its compiled step is cached for the other
+RUN = ["--batch-size", "8", "--block-size", "32", "--max-steps", "10"]
+# the runs inherit the suite's persistent compilation cache (tests/conftest.py): a restarted run skips
+# recompiling its step, and a step another test compiled is not compiled again
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """The runs share JAX's persistent compilation cache: a restarted run skips recompiling its step."""
-    cache = tmp_path_factory.mktemp("jax-cache")
-    cache.chmod(0o777)  # the run as another user (test_checkpoint_folder_not_writable) may use it too
-    ENV.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    yield
-    for key in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
-                "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"):
-        ENV.pop(key)
 
 
 def finetune(*args, user: list[str] = (), **kwargs) -> subprocess.CompletedProcess:
@@ -64,46 +54,47 @@ def params_of(checkpoint_dir: Path, step: int) -> dict:
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
-    """20 steps at flavor 8 on a data=2,fsdp=2,tensor=2 mesh, saving (asynchronously) at steps 10 and 20,
+    """10 steps at flavor 8 on a data=2,fsdp=2,tensor=2 mesh, saving (asynchronously) at steps 5 and 10,
     and the model in Hugging Face format at the end."""
     out = tmp_path_factory.mktemp("straight")
     done = finetune("--flavor", 8, "--mesh", "data=2,fsdp=2,tensor=2", "--checkpoint-dir", out / "ckpt",
-                    "--save-steps", 10, "--metrics-file", out / "metrics.jsonl", "--save-model-dir", out / "final")
+                    "--save-steps", 5, "--metrics-file", out / "metrics.jsonl", "--save-model-dir", out / "final")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert Checkpoints(out / "ckpt", writable=False).steps() == [10, 20]
+    assert Checkpoints(out / "ckpt", writable=False).steps() == [5, 10]
     return out
 
 
-def resume_from_step_10(straight: Path, where: Path, *flavor_args) -> dict[int, float]:
-    """Copy the straight run's checkpoints as they stood after step 10, resume there, train to 20."""
-    shutil.copytree(straight / "ckpt", where / "ckpt", ignore=shutil.ignore_patterns("20"))
-    done = finetune(*flavor_args, "--checkpoint-dir", where / "ckpt", "--save-steps", 10, "--resume",
+def resume_from_step_5(straight: Path, where: Path, *flavor_args) -> dict[int, float]:
+    """Copy the straight run's checkpoints as they stood after step 5, resume there, train to 10."""
+    shutil.copytree(straight / "ckpt", where / "ckpt", ignore=shutil.ignore_patterns("10"))
+    done = finetune(*flavor_args, "--checkpoint-dir", where / "ckpt", "--save-steps", 5, "--resume",
                     "--metrics-file", where / "metrics.jsonl")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "Resumed from the checkpoint of step 10" in done.stdout
+    assert "Resumed from the checkpoint of step 5" in done.stdout
     resumed = losses(where / "metrics.jsonl")
-    assert sorted(resumed) == list(range(11, 21))  # the exact next step, to the same end
+    assert sorted(resumed) == list(range(6, 11))  # the exact next step, to the same end
     return resumed
 
 
 def test_resume_is_exact(straight, tmp_path):
-    resumed = resume_from_step_10(straight, tmp_path, "--flavor", 8, "--mesh", "data=2,fsdp=2,tensor=2")
+    resumed = resume_from_step_5(straight, tmp_path, "--flavor", 8, "--mesh", "data=2,fsdp=2,tensor=2")
     reference = losses(straight / "metrics.jsonl")
-    np.testing.assert_allclose([resumed[s] for s in range(11, 21)], [reference[s] for s in range(11, 21)],
+    np.testing.assert_allclose([resumed[s] for s in range(6, 11)], [reference[s] for s in range(6, 11)],
                                rtol=0, atol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6),
-                 params_of(tmp_path / "ckpt", 20), params_of(straight / "ckpt", 20))
+                 params_of(tmp_path / "ckpt", 10), params_of(straight / "ckpt", 10))
 
 
-# resharded onto fewer devices and other axes (flavor 1, all on one device, restores by the same path)
+# resharded onto fewer devices and other axes (flavor 1, all on one device, restores by the same path); the
+# program of test_distributed.py's resume at flavor 4
 @pytest.mark.parametrize("flavor, mesh", [(4, "data=1,fsdp=2,tensor=2")])
 def test_resume_on_another_flavor(straight, tmp_path, flavor, mesh):
-    resumed = resume_from_step_10(straight, tmp_path, "--flavor", flavor, "--mesh", mesh)
+    resumed = resume_from_step_5(straight, tmp_path, "--flavor", flavor, "--mesh", mesh)
     reference = losses(straight / "metrics.jsonl")
-    np.testing.assert_allclose([resumed[s] for s in range(11, 21)], [reference[s] for s in range(11, 21)],
+    np.testing.assert_allclose([resumed[s] for s in range(6, 11)], [reference[s] for s in range(6, 11)],
                                rtol=0, atol=1e-5)
-    meta = Checkpoints(tmp_path / "ckpt", writable=False).metadata(20)
-    assert meta["plan"]["flavor"] == flavor and meta["data_position"]["step"] == 20
+    meta = Checkpoints(tmp_path / "ckpt", writable=False).metadata(10)
+    assert meta["plan"]["flavor"] == flavor and meta["data_position"]["step"] == 10
 
 
 def complete_steps(ckpt: Path) -> list[int]:
@@ -204,7 +195,7 @@ def test_resume_a_checkpoint_of_another_model(straight, tmp_path):
     (other / "config.json").write_text(json.dumps(config.to_hf_dict()))
     before = folder_listing(straight / "ckpt")
     done = finetune("--model-name-or-path", other, "--checkpoint-dir", straight / "ckpt", "--resume")
-    check_error(done, "checkpoint of step 20")
+    check_error(done, "checkpoint of step 10")
     assert "another model (hidden_size 64 (now 32))" in done.stderr
     assert folder_listing(straight / "ckpt") == before
 
@@ -213,12 +204,15 @@ def test_checkpoint_folder_not_writable(straight):
     """A read-only folder holding checkpoints: refused before training, as a user who cannot write it."""
     base = Path(tempfile.mkdtemp())
     try:
-        shutil.copytree(straight / "ckpt", base / "ckpt", ignore=shutil.ignore_patterns("20"))
+        shutil.copytree(straight / "ckpt", base / "ckpt", ignore=shutil.ignore_patterns("10"))
         for path in [base, *base.rglob("*")]:
             path.chmod(0o555 if path.is_dir() else 0o444)
         before = folder_listing(base / "ckpt")
-        # root writes anywhere: run as nobody then
-        nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
+        # Root writes anywhere: run as nobody then, who may still read (and search) every file as root does
+        # (CAP_DAC_READ_SEARCH), so a checkout, venv or temporary folder only root can read works too; the
+        # folder's mode bits are what refuses the write, as for any other user.
+        nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=+dac_read_search",
+                  "--ambient-caps=+dac_read_search"] if os.geteuid() == 0 else []
         for resume in ([], ["--resume"]):
             done = finetune("--checkpoint-dir", base / "ckpt", *resume, user=nobody, cwd=base)
             check_error(done, f"cannot write to {base / 'ckpt'}")

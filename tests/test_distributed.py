@@ -25,17 +25,12 @@ pytestmark = pytest.mark.xdist_group("distributed")
 ROOT = Path(__file__).resolve().parents[1]
 FINETUNE = ROOT / "scripts" / "finetune.py"
 RUN = ["--batch-size", "8", "--block-size", "32", "--max-steps", "10", "--save-steps", "5"]
+# the processes inherit the suite's persistent compilation cache (tests/conftest.py): a resumed job skips
+# recompiling its step
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "MOAI_INIT_TIMEOUT": "60"}
 # Processes split the outermost axes: on 2×2×2 the data axis spans them (fsdp and tensor stay inside each), on
 # fsdp=8 the fsdp axis does; data=8 would add no other code path than 2×2×2's data axis.
 MESHES = ("data=2,fsdp=2,tensor=2", "fsdp=8")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """The processes share JAX's persistent compilation cache: a resumed job skips recompiling its step."""
-    ENV.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax-cache")),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 
 def launch(processes: int, *args, all_output: bool = False, **kwargs):
