@@ -6,7 +6,10 @@
     print(trainer.plan)
 """
 
-from moai_jax.accelerator import Accelerator
+from moai_jax.native_log import without_cuda_probe_lines
+
+with without_cuda_probe_lines():  # JAX's import
+    from moai_jax.accelerator import Accelerator
 from moai_jax.errors import (CheckpointError, DataError, FlavorError, GenerationError, ModelConfigError, ModelError,
                              MoaiError, NoPlanFits, WeightsError)
 from moai_jax.generation import Generator, generate

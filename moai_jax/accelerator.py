@@ -19,6 +19,7 @@ import jax
 
 from moai_jax import distributed, targets, xla_flags
 from moai_jax.errors import FlavorError
+from moai_jax.native_log import without_cuda_probe_lines
 from moai_jax.targets import GpuTarget, Target, TpuTarget
 
 GB = 10**9
@@ -140,7 +141,8 @@ class Accelerator:
         self.flavor = parse_flavor(flavor)
         target = hardware_profile(hardware).target if hardware else None
         share = simulate_devices(self.flavor)
-        devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+        with without_cuda_probe_lines():  # JAX's backends start
+            devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
         self.platform = devices[0].platform
         self.compile_only = False  # devices of the target that compile but cannot run
         self.fallback = None  # why the target's compile-only devices are not used

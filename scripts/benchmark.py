@@ -436,32 +436,35 @@ def report(out: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def run(args) -> int:
     from moai_jax import distributed
     from moai_jax.accelerator import parse_flavor, simulate_devices
-    from moai_jax.errors import MoaiError, report_error
+    from moai_jax.errors import MoaiError
 
-    try:
-        if args.reference_only:
-            print(json.dumps(torch_reference(args, model_config(args.model))))
-            return 0
-        for name in ("batch_size", "block_size", "steps"):
-            if getattr(args, name) < 1:
-                raise MoaiError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
-        if args.suite:
-            out = suite(args)
-        else:
-            distributed.join_from_args(args)  # alone, or one process of several: before JAX starts
-            simulate_devices(parse_flavor(args.flavor))  # before JAX starts its backends
-            out = {"results": [benchmark(args)]}
-    except MoaiError as e:
-        return report_error(e)
+    if args.reference_only:
+        print(json.dumps(torch_reference(args, model_config(args.model))))
+        return 0
+    for name in ("batch_size", "block_size", "steps"):
+        if getattr(args, name) < 1:
+            raise MoaiError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
+    if args.suite:
+        out = suite(args)
+    else:
+        distributed.join_from_args(args)  # alone, or one process of several: before JAX starts
+        simulate_devices(parse_flavor(args.flavor))  # before JAX starts its backends
+        out = {"results": [benchmark(args)]}
     if distributed.join().process_id > 0:  # of several processes, process 0 reports
         return 0
     print(json.dumps(out) if args.json else report(out))
     failed = any("error" in r["moai_jax"] for r in out.get("results", []))
     return 1 if failed or not out.get("parity", {}).get("ok", True) else 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from moai_jax.cli import run_script
+
+    return run_script(run, args)
 
 
 if __name__ == "__main__":

@@ -89,12 +89,9 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from moai_jax.errors import MoaiError, report_error
+    from moai_jax.cli import run_script
 
-    try:
-        return run(args)
-    except MoaiError as e:
-        return report_error(e)
+    return run_script(run, args)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
 """Every test sees 8 CPU devices, set before JAX starts; one compilation cache; shared fixtures."""
 
 import os
-import re
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -20,17 +19,6 @@ jax.config.update("jax_num_cpu_devices", 8)
 import pytest  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
-# What XLA's C++ libraries print to stderr as they load, before any Python runs: with the compile extras
-# installed on a machine without a GPU, jax-cuda12-plugin says "Could not find cuda drivers" in every process.
-NATIVE_LOG = re.compile(r"^(WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
-                        r"|[IWEF]\d{4} [\d:.]+ +\d+ [^\]\s]+\] .*)\n", re.M)
-
-
-def without_native_logs(output: str) -> str:
-    """A process's output as its Python code printed it (XLA's C++ load-time log lines removed)."""
-    return NATIVE_LOG.sub("", output)
-
-
 @pytest.fixture(scope="session")
 def bpe_tokenizer_dir(tmp_path_factory):
     """A BPE tokenizer trained with `tokenizers` on the fixture text, saved as a Hugging Face tokenizer folder."""

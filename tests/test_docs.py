@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import without_native_logs
 
 ROOT = Path(__file__).resolve().parent.parent
 FENCE = re.compile(r"^```([^\n]*)\n(.*?)^```\n", re.S | re.M)
@@ -46,7 +45,7 @@ def results():
     started = [subprocess.Popen(command.replace("python ", f"{sys.executable} ", 1), shell=True, cwd=ROOT, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                for _, command, _ in COMMANDS]
-    return [(p.wait(timeout=120), without_native_logs(p.stdout.read())) for p in started]
+    return [(p.wait(timeout=120), p.stdout.read()) for p in started]
 
 
 @pytest.mark.parametrize("index", range(len(COMMANDS)), ids=[f"{page}: {cmd}" for page, cmd, _ in COMMANDS])
