@@ -16,6 +16,9 @@ import contextlib
 import sys
 from pathlib import Path
 
+# a Mixture-of-Experts model's step also reports these (moai_jax/train.py): the metrics file gets them
+ROUTER_METRICS = ("router_loss", "router_z_loss", "dropped_fraction")
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -68,7 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in --checkpoint-dir, on this run's flavor and mesh")
     p.add_argument("--metrics-file", default=None,
-                   help="append one JSON object per logged step: step, loss, duration, tokens_per_sec, learning_rate")
+                   help="append one JSON object per logged step: step, loss, duration, tokens_per_sec, learning_rate, "
+                        "grad_norm (and a Mixture-of-Experts model's router_loss, router_z_loss, dropped_fraction)")
     p.add_argument("--sample-prompts", default=None,
                    help="a prompts file (as scripts/generate.py reads it): print the model's greedy answers to its "
                         "prompts at each evaluation and at the end")
@@ -237,7 +241,7 @@ def train(args: argparse.Namespace, flavor: int, checkpoints, metrics_file) -> i
             print(step_line(step, total, done["loss"], done["duration"], done["tokens_per_sec"]), flush=True)
             metrics_file.write({"step": step, "loss": done["loss"], "duration": done["duration"],
                                 "tokens_per_sec": done["tokens_per_sec"], "learning_rate": float(learning_rates[step - 1]),
-                                "grad_norm": done["grad_norm"]})
+                                "grad_norm": done["grad_norm"]} | {k: done[k] for k in ROUTER_METRICS if k in done})
 
     for step, batch in enumerate(batches, start=start + 1):
         if step > total:

@@ -1,0 +1,92 @@
+"""Mixture-of-Experts as a user trains it: finetune.py on a tiny Qwen3-MoE folder saved by transformers (the loss
+falls, the router loss in the metrics file), and the bad inputs, each one line."""
+
+import importlib.util
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+ROOT = Path(__file__).resolve().parents[1]
+STEP_LINE = re.compile(r"^\[Step (\d+)/(\d+)\] \| Loss: (\S+) \| Duration: \d+\.\d\d \| Throughput: \d+\.\d\d tokens/sec$")
+# design.md's tiny config, as a Qwen3-MoE: 8 experts, top-2, per-head q/k norms
+TINY = dict(vocab_size=300, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
+            norm_topk_prob=True, router_aux_loss_coef=0.01, max_position_embeddings=256, bos_token_id=1,
+            eos_token_id=2, pad_token_id=0)
+RUN = ["--batch-size", "8", "--block-size", "32", "--lr", "1e-2", "--warmup-steps", "0",
+       "--dataset-name-or-path", str(ROOT / "tests" / "fixtures" / "bpe_corpus.txt")]
+
+
+def script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def save_tiny_moe(path: Path, tokenizer_dir: Path, **overrides) -> Path:
+    """A Hugging Face folder: a random tiny Qwen3-MoE saved by transformers, with the BPE tokenizer."""
+    shutil.copytree(tokenizer_dir, path)
+    torch.manual_seed(0)
+    transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(**TINY | overrides)).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def moe_dir(tmp_path_factory, bpe_tokenizer_dir):
+    return save_tiny_moe(tmp_path_factory.mktemp("moe") / "tiny-qwen3-moe", bpe_tokenizer_dir)
+
+
+def test_finetune_trains_a_moe_folder_and_logs_the_router_loss(moe_dir, tmp_path, capsys):
+    metrics = tmp_path / "metrics.jsonl"
+    assert script("finetune")(["--flavor", "8", "--model-name-or-path", str(moe_dir), *RUN, "--epochs", "3", "--max-steps", "8",
+                               "--metrics-file", str(metrics)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "qwen3_moe" in lines[0] and "flavor 8" in lines[0]
+    steps = [STEP_LINE.match(line) for line in lines if line.startswith("[Step ")]
+    assert len(steps) == 8 and all(steps)  # the step line unchanged
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert records[-1]["loss"] < 0.8 * records[0]["loss"], [r["loss"] for r in records]
+    # transformers' load-balancing loss: E · Σ f_e P_e, 1 when the router is perfectly balanced
+    assert all(0.9 < r["router_loss"] < 8 and r["dropped_fraction"] == 0 for r in records), records[0]
+    assert all("router_z_loss" in r for r in records)
+
+
+def test_expert_degree_that_does_not_divide_the_experts_is_one_line(moe_dir, capsys):
+    assert script("finetune")(["--flavor", "6", "--model-name-or-path", str(moe_dir), *RUN, "--max-steps", "1",
+                               "--mesh", "data=2,expert=3"]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: expert=3 does not divide the model's 8 experts") and "Traceback" not in err, err
+
+
+def test_top_k_above_the_experts_is_one_line(moe_dir, tmp_path, capsys):
+    folder = tmp_path / "top-9-of-8"
+    shutil.copytree(moe_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"num_experts_per_tok": 9}))
+    assert script("finetune")(["--model-name-or-path", str(folder), "--max-steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("error: ") and "num_experts_per_tok (9) must be between 1 and " \
+        "num_experts (8)" in err and "Traceback" not in err, err
+
+
+def test_checkpoint_missing_an_expert_names_it(moe_dir, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    from moai_jax.errors import WeightsError
+    from moai_jax.models import load_pretrained
+
+    folder = tmp_path / "missing-expert"
+    shutil.copytree(moe_dir, folder)
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.layers.1.mlp.experts.5.down_proj.weight"]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(WeightsError, match=r"has no tensor 'model\.layers\.1\.mlp\.experts\.5\.down_proj\.weight'"):
+        load_pretrained(folder)
