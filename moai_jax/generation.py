@@ -114,7 +114,7 @@ def generation_mesh(model: nnx.Module, accelerator: Accelerator, mesh: MeshShape
         params = jax.tree.leaves(nnx.state(model, nnx.Param))
         shape = inference_mesh(config, accelerator, sum(x.size * jnp.dtype(x.dtype).itemsize for x in params))
     check_mesh(shape, accelerator.flavor, num_heads=getattr(config, "num_heads", None),
-               num_kv_heads=getattr(config, "num_kv_heads", None))
+               num_kv_heads=getattr(config, "num_kv_heads", None), num_experts=getattr(config, "num_experts", None))
     return make_mesh(shape, accelerator.devices)
 
 
@@ -209,7 +209,8 @@ class Generator:
 
     @property
     def batch_shards(self) -> int:
-        return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        """How many ways the prompts are split: over data and fsdp (and expert, outside a MoE model's experts)."""
+        return self.mesh.shape["data"] * self.mesh.shape["fsdp"] * self.mesh.shape["expert"]
 
     def _sharding(self, names, shape) -> NamedSharding:
         return NamedSharding(self.mesh, partition_spec(names, shape, dict(self.mesh.shape)))

@@ -90,3 +90,20 @@ def test_checkpoint_missing_an_expert_names_it(moe_dir, tmp_path):
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(WeightsError, match=r"has no tensor 'model\.layers\.1\.mlp\.experts\.5\.down_proj\.weight'"):
         load_pretrained(folder)
+
+
+@pytest.mark.parametrize("flavor, mesh", [(1, None), (8, "expert=4,tensor=2")])
+def test_greedy_generation_with_the_kv_cache_equals_transformers(moe_dir, flavor, mesh):
+    """One family stands for all three: the cache, the decode loop and the MoE layer are the same code for each
+    (families differ in attention's norms and checkpoint names, which test_moe checks against transformers)."""
+    from test_generate import NEW_TOKENS, prompts, transformers_greedy
+
+    from moai_jax import Accelerator
+    from moai_jax.generation import Generator
+    from moai_jax.models import load_pretrained
+
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(moe_dir, dtype=torch.float32).eval()
+    generator = Generator(load_pretrained(moe_dir), accelerator=Accelerator(flavor), mesh=mesh)
+    expected = transformers_greedy(hf_model, prompts(), generator.eos)
+    assert max(map(len, expected)) == NEW_TOKENS  # not all rows stopped early
+    assert generator.run(prompts(), NEW_TOKENS).token_ids == expected
