@@ -5,9 +5,8 @@ turns it into the Decoder's layout (stacked over layers, heads split out, [in, o
 places it straight onto its target sharding, so a checkpoint never sits whole on one device.
 `save_pretrained` writes the reverse, gathering one layer of one parameter at a time. Each family
 names its tensors its own way (`_family_tensors`); fused projections (GPT-2's c_attn, Baichuan's
-W_pack) are split into q/k/v on the way in and joined on the way out. Mixture-of-Experts layers are
-read one tensor per expert (the Hub's layout, which transformers 5's save_pretrained writes too) or as
-transformers 5's fused `gate_up_proj`; they are written one tensor per expert.
+W_pack) are split into q/k/v on the way in and joined on the way out. Mixture-of-Experts layers'
+names and layouts are in `hf_moe.py`.
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from moai_jax.errors import DataError, WeightsError
+from moai_jax.models import hf_moe
 from moai_jax.models.config import ModelConfig, dtype_from_name
 from moai_jax.models.llama import Decoder
 
@@ -75,10 +75,7 @@ def _layouts(head_dim: int) -> dict[str, _Layout]:
             lambda a: a.reshape(-1, a.shape[-1]),
             lambda s: (s[0] * s[1], s[2]),
         ),
-        # transformers 5's fused experts: HF [experts, out, in] ↔ ours [experts, in, out] (gate_up_proj: gate first)
-        "experts_transposed": _Layout(
-            lambda a: a.transpose(0, 2, 1), lambda a: a.transpose(0, 2, 1), lambda s: (s[0], s[2], s[1]), fused_axis=1,
-        ),
+        "experts_fused": _Layout(**hf_moe.FUSED_LAYOUT),
     }
 
 
@@ -134,29 +131,6 @@ _BAICHUAN_LAYER = {
     **{k: v for k, v in _LAYER_TENSORS.items() if not k.startswith(("self_attn.q_", "self_attn.k_", "self_attn.v_"))},
     "self_attn.W_pack.weight": [(("attention", name), "into_heads") for name in _QKV],
 }
-_DENSE_MLP = ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
-_EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2")}  # gate, up, down of each expert on disk (others: *_proj)
-
-
-def _moe_tensors(model_type: str, prefix: str, fused: bool) -> dict:
-    """A Mixture-of-Experts layer's tensors: one per expert on disk ("{e}" in the name: the expert), or
-    transformers 5's in-memory fused layout (`mlp.experts.gate_up_proj [E, 2I, H]`, `down_proj [E, H, I]`)."""
-    if fused:
-        return {"mlp.gate.weight": (("mlp", "router"), "transposed"),
-                "mlp.experts.gate_up_proj": [(("mlp", "gate_proj"), "experts_transposed"),
-                                             (("mlp", "up_proj"), "experts_transposed")],
-                "mlp.experts.down_proj": (("mlp", "down_proj"), "experts_transposed")}
-    gate, up, down = _EXPERT_NAMES.get(model_type, ("gate_proj", "up_proj", "down_proj"))
-    return {f"{prefix}.gate.weight": (("mlp", "router"), "transposed"),
-            f"{prefix}.experts.{{e}}.{gate}.weight": (("mlp", "gate_proj"), "transposed"),
-            f"{prefix}.experts.{{e}}.{up}.weight": (("mlp", "up_proj"), "transposed"),
-            f"{prefix}.experts.{{e}}.{down}.weight": (("mlp", "down_proj"), "transposed")}
-
-
-_OLMOE_QK_NORMS = {  # over the whole projection: HF [heads * head_dim] ↔ ours [heads, head_dim]
-    "self_attn.q_norm.weight": (("attention", "q_norm", "weight"), "bias"),
-    "self_attn.k_norm.weight": (("attention", "k_norm", "weight"), "bias"),
-}
 # GPT-2 as OpenAI published it: no "transformer." prefix, and causal-mask buffers saved with the weights.
 _GPT2_BUFFERS = (".attn.bias", ".attn.masked_bias")
 
@@ -165,10 +139,8 @@ def _family_tensors(config: ModelConfig, fused_experts: bool = False) -> tuple[d
     """(model-level tensors, the per-layer prefix, per-layer tensors) of a family's checkpoints."""
     model_type = config.model_type
     if config.num_experts:
-        layer = {k: v for k, v in _LAYER_TENSORS.items() if k not in _DENSE_MLP}
-        layer |= _OLMOE_QK_NORMS if model_type == "olmoe" else {}
-        return _MODEL_TENSORS, "model.layers.{i}.", layer | _moe_tensors(model_type, config.family.experts_prefix,
-                                                                         fused_experts)
+        return _MODEL_TENSORS, "model.layers.{i}.", hf_moe.moe_layer_tensors(
+            model_type, config.family.experts_prefix, _LAYER_TENSORS, fused_experts)
     if model_type == "gpt2":
         return _GPT2_MODEL, "transformer.h.{i}.", _GPT2_LAYER
     if model_type == "gemma2":
@@ -202,7 +174,7 @@ def _tensors(config: ModelConfig, params: dict, fused_experts: bool = False) -> 
     tensors = [_Tensor(path, (name,), layouts[kind], False) for name, (path, kind) in model_tensors.items()]
     for name, parts in layer_tensors.items():
         parts = parts if isinstance(parts, list) else [parts]
-        experts = config.num_experts if "{e}" in name else 0
+        experts = config.num_experts if hf_moe.EXPERT in name else 0
         names = tuple(prefix.format(i=i) + name.format(e=e) for i in range(config.num_layers)
                       for e in range(max(experts, 1)))
         tensors += [_Tensor(("layers", *path), names, layouts[kind], True, (which, len(parts)), experts)
@@ -311,11 +283,9 @@ class _Checkpoint:
         """The part `index` of a Decoder parameter, read from the checkpoint layer by layer."""
         if not tensor.stacked:
             return tensor.layout.to_ours(tensor.hf_part(self.read(tensor.hf_names[0])))[index].astype(dtype)
-        if tensor.experts:  # layer-major names, one per expert: each layer stacks its experts' tensors
-            e = tensor.experts
-            layers = range(len(tensor.hf_names) // e)[index[0]]
-            return np.stack([np.stack([tensor.layout.to_ours(self.read(tensor.hf_names[i * e + j]))[index[2:]]
-                                       for j in range(e)[index[1]]]).astype(dtype) for i in layers])
+        if tensor.experts:
+            return hf_moe.stacked_experts(self.read, tensor.hf_names, tensor.experts, tensor.layout.to_ours, index,
+                                          dtype)
         names = tensor.hf_names[index[0]]
         layers = [tensor.layout.to_ours(tensor.hf_part(self.read(name)))[index[1:]].astype(dtype) for name in names]
         return np.stack(layers)
@@ -355,7 +325,7 @@ def load_pretrained(path: str | Path, dtype=jnp.float32, param_dtype=jnp.float32
     targets = nnx.to_pure_dict(shardings) if isinstance(shardings, nnx.State) else shardings
     with contextlib.ExitStack() as stack:
         checkpoint = _Checkpoint(path, stack)
-        tensors = _tensors(config, params, fused_experts="model.layers.0.mlp.experts.gate_up_proj" in checkpoint.files)
+        tensors = _tensors(config, params, fused_experts=hf_moe.is_fused(checkpoint.files))
         if config.model_type == "gpt2":
             checkpoint.add_missing_prefix("transformer.", "wte.weight")
         checkpoint.check(config, tensors, params)

@@ -12,8 +12,8 @@ Three ways to compute it, the same function (up to rounding) when nothing is dro
 - "sorted": the token-expert pairs sorted by expert and run as a grouped matmul (`jax.lax.ragged_dot`),
   dropless; "auto" picks it on GPU and TPU.
 - expert parallelism, whenever the active logical sharding splits `experts` over a mesh axis: inside a
-  `jax.shard_map` manual over that axis only (and a pipeline's stages; the rest stays with GSPMD), each device routes its own
-  tokens, sends each pair to the device holding its expert with one `all_to_all`, runs its experts on
+  `jax.shard_map` manual over that axis only (and a pipeline's stages; the rest stays with GSPMD), each device
+  routes its own tokens, sends each pair to the device holding its expert with one `all_to_all`, runs its experts on
   what it received (sorted, as above) and sends the results back with a second `all_to_all`. The
   buffers have static shapes: dropless, each destination has room for every pair a device could send it
   (tokens × min(k, experts per device)). GSPMD alone would all-gather the experts' weights instead.
@@ -51,7 +51,8 @@ def resolve(implementation: str, config: ModelConfig) -> str:
     """The implementation "auto" stands for on this machine: dense on CPU, sorted elsewhere (and whenever
     tokens may be dropped: only the sorted path has capacities)."""
     if implementation not in IMPLEMENTATIONS:
-        raise ModelConfigError(f"unknown moe_implementation {implementation!r}; use one of: {', '.join(IMPLEMENTATIONS)}")
+        raise ModelConfigError(f"unknown moe_implementation {implementation!r}; "
+                               f"use one of: {', '.join(IMPLEMENTATIONS)}")
     if config.capacity_factor is not None:
         return "sorted"
     if implementation != "auto":
@@ -104,9 +105,9 @@ class MoE(nnx.Module):
             def local(x_BTD, mask_BT, router_DE, *weights):
                 return _routed(x_BTD, mask_BT, router_DE, weights, c, "sorted", axis, shards)
 
-            y_BTD, stats_B1X = jax.shard_map(
-                local, mesh=mesh, axis_names=manual_axes(axis), in_specs=(P(axis), P(axis), P(), P(axis), P(axis), P(axis)),
-                out_specs=(P(axis), P(axis)))(x_BTD, mask_BT, router_DE, *weights)
+            specs = (P(axis), P(axis), P(), P(axis), P(axis), P(axis))  # tokens, mask, router, the experts' weights
+            y_BTD, stats_B1X = jax.shard_map(local, mesh=mesh, axis_names=manual_axes(axis), in_specs=specs,
+                                             out_specs=(P(axis), P(axis)))(x_BTD, mask_BT, router_DE, *weights)
         else:
             y_BTD, stats_B1X = _routed(x_BTD, mask_BT, router_DE, weights, c, resolve(implementation, c), None, 1)
         return constrain(y_BTD, ("batch", "length", "embed")), stats_B1X

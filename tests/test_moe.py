@@ -143,3 +143,27 @@ def test_expert_parallel_matches_one_device(mesh, micro_batches):
             weight = params["layers"]["mlp"][name]
             assert weight.addressable_shards[0].data.size * 8 == weight.size
             assert weight.addressable_shards[0].data.shape[1] == CONFIG.num_experts // 8
+
+
+def test_capacity_factor_drops_and_counts_and_a_large_one_is_dropless():
+    """The sorted path with capacities, eagerly on one device: each expert takes at most ceil(T·k/E · factor) pairs;
+    the drops counted are exactly the pairs above that; room for every token gives the dropless result."""
+    from moai_jax.models.moe import MoE
+
+    e, k = CONFIG.num_experts, CONFIG.num_experts_per_tok
+    x = jax.random.normal(jax.random.key(1), (2, 16, CONFIG.hidden_size))
+
+    def run(**fields):
+        return MoE(dataclasses.replace(CONFIG, **fields), rngs=nnx.Rngs(0), dtype=jnp.float32,
+                   param_dtype=jnp.float32)(x, None, "dense" if not fields else "sorted")
+    dropless, stats = run()
+    roomy, roomy_stats = run(capacity_factor=e / k)  # capacity = every token
+    np.testing.assert_allclose(roomy, dropless, atol=1e-5, rtol=0)
+    assert float(roomy_stats[..., -1].sum()) == 0
+    tight, tight_stats = run(capacity_factor=0.5)
+    counts = np.asarray(stats.sum(axis=(0, 1))[:e])
+    capacity = int(np.ceil(32 * k / e * 0.5))
+    assert float(tight_stats[..., -1].sum()) == np.maximum(counts - capacity, 0).sum() > 0
+    losses = router_losses(tight_stats.sum(axis=(0, 1)), dataclasses.replace(CONFIG, capacity_factor=0.5))
+    assert float(losses["dropped_fraction"]) == pytest.approx(np.maximum(counts - capacity, 0).sum() / (32 * k))
+    assert np.abs(np.asarray(tight - dropless)).max() > 1e-3  # the dropped pairs' share is gone
