@@ -136,9 +136,10 @@ def table(plan: Plan) -> str:
                   f"{plan.estimated_tokens_per_sec or 0:,.0f} tokens/s | MFU {(plan.estimated_mfu or 0):.1%}"]
     if plan.alternatives:
         lines += ["", "  alternatives"]
-        for a in plan.alternatives:
-            mesh = str(MeshShape(**a["mesh"]))
-            lines.append(f"    {mesh:<26} mb {a['micro_batches']:<3} remat {a['remat']:<7} loss "
+        meshes = [str(MeshShape(**a["mesh"])) for a in plan.alternatives]
+        width = max(map(len, meshes))  # one column, however many axes a mesh names (context=, stage=)
+        for a, mesh in zip(plan.alternatives, meshes):
+            lines.append(f"    {mesh:<{width}} mb {a['micro_batches']:<3} remat {a['remat']:<7} loss "
                          f"{a['loss']:<7} {format_bytes(a['estimated_bytes_per_device']):>11} "
                          f"{a['estimated_step_seconds']:8.3f} s  {a['why_not']}")
     if plan.planning_seconds:

@@ -295,11 +295,12 @@ def lora_terms(config: ModelConfig, lora: LoraConfig, mesh: MeshShape, tokens: i
         dropout = (LORA_DROPOUT_COPIES * config.num_layers * tokens * inputs * activation_bytes if remat == "none"
                    else LORA_MASK_COPIES * tokens * inputs * 4)
     head = config.vocab_size * config.hidden_size / mesh.tensor / mesh.stage
-    head = LORA_HEAD_COPIES * head * 4 if base_bytes < 4 or mesh.fsdp > 1 else 0.0  # upcast, or gathered whole
+    shards = mesh.fsdp * mesh.context  # the base is sharded (and gathered) over context as over fsdp
+    head = LORA_HEAD_COPIES * head * 4 if base_bytes < 4 or shards > 1 else 0.0  # upcast, or gathered whole
     gathered = 0.0
-    if mesh.fsdp > 1:
+    if shards > 1:
         layer = layer_param_elements(config) / mesh.tensor
-        gathered = LORA_GATHER_COPIES * layer * max(base_bytes, activation_bytes) * (1 - 1 / mesh.fsdp)
+        gathered = LORA_GATHER_COPIES * layer * max(base_bytes, activation_bytes) * (1 - 1 / shards)
     return {"parameters": base + adapters, "gradients": adapters * (2 if micro_batches > 1 else 1),
             "optimizer": 2 * adapters, "lora dropout": dropout, "gathered": gathered, "head": head,
             "base copy": _sharded_elements(layers, mesh) * base_bytes if base_bytes < 4 else 0.0,
