@@ -26,6 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from moai_jax.errors import FlavorError
 from moai_jax.models import attention as attention_lib
+from moai_jax.models import moe as moe_lib
 from moai_jax.planner.plan import Plan
 from moai_jax.sharding.annotate import logical_sharding
 from moai_jax.sharding.mesh import make_mesh
@@ -114,6 +115,8 @@ def build_step(abstract: nnx.Module, optimizer: optax.GradientTransformation, pl
         abstract.remat = plan.remat
         if abstract.attention == "auto":
             abstract.attention = target_attention(abstract.config, plan, mesh.devices.flat[0])
+        if abstract.moe_implementation == "auto":  # compile-only GPUs: the sorted path, not this CPU's dense one
+            abstract.moe_implementation = moe_lib.resolve("auto", abstract.config, mesh.devices.flat[0])
     else:
         remat_policy = CHECKPOINT_POLICIES[plan.remat]
     accumulate = pipeline_micro_batches(abstract, plan)

@@ -47,9 +47,9 @@ IMPLEMENTATIONS = ("auto", "dense", "sorted")
 _INIT = nnx.initializers.normal(stddev=0.02)
 
 
-def resolve(implementation: str, config: ModelConfig) -> str:
-    """The implementation "auto" stands for on this machine: dense on CPU, sorted elsewhere (and whenever
-    tokens may be dropped: only the sorted path has capacities)."""
+def resolve(implementation: str, config: ModelConfig, device=None) -> str:
+    """The implementation "auto" stands for on `device` (default: this machine's first): dense on CPU, sorted
+    elsewhere (and whenever tokens may be dropped: only the sorted path has capacities)."""
     if implementation not in IMPLEMENTATIONS:
         raise ModelConfigError(f"unknown moe_implementation {implementation!r}; "
                                f"use one of: {', '.join(IMPLEMENTATIONS)}")
@@ -57,7 +57,7 @@ def resolve(implementation: str, config: ModelConfig) -> str:
         return "sorted"
     if implementation != "auto":
         return implementation
-    return "dense" if jax.devices()[0].platform == "cpu" else "sorted"
+    return "dense" if (device or jax.devices()[0]).platform == "cpu" else "sorted"
 
 
 def stats_width(num_experts: int) -> int:

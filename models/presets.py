@@ -129,6 +129,39 @@ _BAICHUAN2_7B = ModelConfig(
     eos_token_id=2,
 )
 
+# Mixture-of-Experts models: the config.json values of mistralai/Mixtral-8x7B-v0.1, Qwen/Qwen3-30B-A3B,
+# Qwen/Qwen3-235B-A22B and allenai/OLMoE-1B-7B-0924 (every layer sparse, no shared expert)
+_MIXTRAL_8X7B = dataclasses.replace(
+    _LLAMA2_7B, model_type="mixtral", intermediate_size=14336, num_kv_heads=8, max_position_embeddings=32768,
+    rope_theta=1000000.0, num_experts=8, num_experts_per_tok=2, router_aux_loss_coef=0.02,
+)
+_QWEN3_30B_A3B = dataclasses.replace(
+    _QWEN3_8B, model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144, num_layers=48, num_heads=32,
+    num_kv_heads=4, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, router_aux_loss_coef=0.001,
+)
+_QWEN3_235B_A22B = dataclasses.replace(
+    _QWEN3_30B_A3B, hidden_size=4096, intermediate_size=12288, num_layers=94, num_heads=64, moe_intermediate_size=1536,
+)
+_OLMOE_1B_7B = ModelConfig(
+    model_type="olmoe",
+    vocab_size=50304,
+    hidden_size=2048,
+    intermediate_size=1024,
+    num_layers=16,
+    num_heads=16,
+    num_kv_heads=16,
+    head_dim=128,
+    max_position_embeddings=4096,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-5,
+    bos_token_id=None,
+    eos_token_id=50279,
+    num_experts=64,
+    num_experts_per_tok=8,
+    norm_topk_prob=False,
+    router_aux_loss_coef=0.01,
+)
+
 PRESETS: dict[str, ModelConfig] = {
     "llama2-7b": _LLAMA2_7B,
     "llama3-8b": _LLAMA3_8B,
@@ -184,5 +217,9 @@ PRESETS: dict[str, ModelConfig] = {
     "baichuan2-7b": _BAICHUAN2_7B,
     "baichuan2-13b": dataclasses.replace(_BAICHUAN2_7B, hidden_size=5120, intermediate_size=13696, num_layers=40,
                                          num_heads=40, num_kv_heads=40, alibi=True),
+    "mixtral-8x7b": _MIXTRAL_8X7B,
+    "qwen3-30b-a3b": _QWEN3_30B_A3B,
+    "qwen3-235b-a22b": _QWEN3_235B_A22B,
+    "olmoe-1b-7b": _OLMOE_1B_7B,
     "tiny": ModelConfig(),
 }

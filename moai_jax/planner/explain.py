@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from moai_jax.planner.experts import expert_verdict
 from moai_jax.planner.plan import Plan
 from moai_jax.sharding.mesh import MeshShape
 from moai_jax.sizes import format_bytes
@@ -27,7 +28,8 @@ def _slower_because(alt, chosen) -> str:
              "tensor-parallel all-reduces": a["tensor"] - c["tensor"],
              "pipeline bubble (stages idle while it fills and drains)": a.get("bubble", 0) - c.get("bubble", 0),
              "stage-to-stage transfers": a.get("stage", 0) - c.get("stage", 0),
-             "context-parallel key/value gathers": a.get("context", 0) - c.get("context", 0)}
+             "context-parallel key/value gathers": a.get("context", 0) - c.get("context", 0),
+             "expert-parallel all-to-alls": a.get("expert", 0) - c.get("expert", 0)}
     cause = max(parts, key=parts.get)
     if ratio <= 0:
         return "about as fast; the chosen layout is simpler"
@@ -53,7 +55,7 @@ def alternatives(chosen, fits, over, budget: int, rejected) -> list[dict[str, An
 def why_chosen(s, fits, over, fixed) -> str:
     c = s.candidate
     reasons = []
-    if c.mesh.tensor == 1 and c.mesh.fsdp == 1:
+    if c.mesh.tensor == 1 and c.mesh.fsdp == 1 and c.mesh.expert == 1 and c.mesh.context == 1:
         reasons.append("replicated state fits, so the batch is split over every device with no parameter traffic")
     elif c.mesh.fsdp > 1:
         reasons.append(f"parameters, gradients and optimizer state sharded over fsdp={c.mesh.fsdp}")
@@ -67,6 +69,8 @@ def why_chosen(s, fits, over, fixed) -> str:
         reasons.append("loss computed in chunks so whole float32 logits never exist")
     if c.mesh.context > 1:
         reasons.append(context_verdict(s, fits))
+    if any(f.candidate.mesh.expert > 1 for f in (s, *fits, *over)):  # a MoE model: why this expert degree
+        reasons.append(expert_verdict(s, fits))
     reasons.append(pipeline_verdict(s, fits, over))
     return (f"fastest of {len(fits)} candidates that fit (of {len(fits) + len(over)}): " + "; ".join(reasons))
 
@@ -131,6 +135,7 @@ def table(plan: Plan) -> str:
         lines.append(f"    {'compiled':<12} {format_bytes(plan.verified_bytes_per_device):>12}   on {plan.verified_on}")
     piped = f", bubble {t.get('bubble', 0):.3f}, stage {t.get('stage', 0):.3f}" if plan.mesh.stage > 1 else ""
     piped += f", context {t.get('context', 0):.3f}" if plan.mesh.context > 1 else ""
+    piped += f", expert {t.get('expert', 0):.3f}" if plan.mesh.expert > 1 else ""
     lines += ["", f"  step {t.get('total', 0):.3f} s (compute {t.get('compute', 0):.3f}, data {t.get('data', 0):.3f}, "
                   f"fsdp {t.get('fsdp', 0):.3f}, tensor {t.get('tensor', 0):.3f}{piped}) | "
                   f"{plan.estimated_tokens_per_sec or 0:,.0f} tokens/s | MFU {(plan.estimated_mfu or 0):.1%}"]

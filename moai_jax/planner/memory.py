@@ -17,6 +17,8 @@
     base copy       LoRA only: the layers' 16-bit frozen base bit-copied for the layer loop (`lora_terms`)
     pipeline        under stages: the micro-batches' inputs and outputs of the stages, and their gradients
     gathered kv     under context parallelism: one layer's keys and values gathered over the whole sequence
+    experts         Mixture-of-Experts layers: what they keep for backward and one layer's dispatch buffers
+                    and expert MLP working set, on the rows routed to the device's experts (planner/experts.py)
 
 Under context parallelism (context > 1) each device holds 1 / context of every sequence's tokens, so
 every per-token term is divided by it, and its weights are sharded over context as over fsdp.
@@ -39,6 +41,7 @@ import math
 
 from moai_jax.models import ModelConfig
 from moai_jax.models.lora import LoraConfig, adapter_shapes, weight_axes
+from moai_jax.planner.experts import experts_bytes, layer_expert_elements, moe_param_shapes
 from moai_jax.sharding.mesh import MeshShape
 from moai_jax.sharding.rules import partition_spec
 from moai_jax.train import LOSS_CHUNK
@@ -123,12 +126,18 @@ def _family_param_shapes(config: ModelConfig, shapes: dict) -> dict:
     if family.norm == "layer":  # LayerNorm's biases
         shapes["norm_biases"] = ((nl, 2, e), ("layers", None, "embed"))
         shapes["final_norm_bias"] = ((e,), ("embed",))
-    if family.qk_norm:
+    if family.qk_norm_whole:  # OLMoE: over the whole projection
+        shapes["q_norm"] = ((nl, c.num_heads, c.head_dim), ("layers", "heads", "head_dim"))
+        shapes["k_norm"] = ((nl, c.num_kv_heads, c.head_dim), ("layers", "kv_heads", "head_dim"))
+    elif family.qk_norm:
         shapes["qk_norms"] = ((nl, 2, c.head_dim), ("layers", None, "head_dim"))
     if family.sandwich_norms:
         shapes["output_norms"] = ((nl, 2, e), ("layers", None, "embed"))
     if family.learned_positions:
         shapes["position_embedding"] = ((c.max_position_embeddings, e), (None, "embed"))
+    if c.num_experts:  # every layer's MLP is a Mixture of Experts (models/llama.py refuses mixed layouts)
+        shapes = {k: v for k, v in shapes.items() if k not in ("gate_proj", "up_proj", "down_proj")}
+        shapes |= moe_param_shapes(c)
     return shapes
 
 
@@ -152,16 +161,20 @@ def _sharded_elements(shapes: tuple, mesh: MeshShape) -> int:
     return sum(_shard_elements(s, n, sizes) for s, n in shapes)
 
 
-def layer_param_elements(config: ModelConfig) -> int:
+def layer_param_elements(config: ModelConfig, mesh: MeshShape | None = None) -> float:
+    """One layer's weights (a MoE layer's experts as one device of the `expert` axis holds them)."""
     c = config
-    return (c.hidden_size * (2 * c.num_heads * c.head_dim + 2 * c.num_kv_heads * c.head_dim)
-            + (3 if c.family.gated_mlp else 2) * c.hidden_size * c.intermediate_size)
+    attention = c.hidden_size * (2 * c.num_heads * c.head_dim + 2 * c.num_kv_heads * c.head_dim)
+    if c.num_experts:
+        return attention + layer_expert_elements(c, mesh or MeshShape())
+    return attention + (3 if c.family.gated_mlp else 2) * c.hidden_size * c.intermediate_size
 
 
 def _per_token(coefficients, config: ModelConfig, tensor: int) -> float:
     c = config
     a_e, a_f, a_q, a_kv = coefficients
-    return (a_e * c.hidden_size + a_f * c.intermediate_size / tensor + a_q * c.num_heads * c.head_dim / tensor
+    mlp = 0 if c.num_experts else c.intermediate_size  # a MoE layer's MLP is the "experts" term
+    return (a_e * c.hidden_size + a_f * mlp / tensor + a_q * c.num_heads * c.head_dim / tensor
             + a_kv * c.num_kv_heads * c.head_dim / tensor)
 
 
@@ -188,7 +201,7 @@ def estimate_bytes(config: ModelConfig, batch_size: int, seq_len: int, mesh: Mes
     gathered = 0
     shards = mesh.fsdp * mesh.context  # weights are sharded (and gathered) over context as over fsdp
     if shards > 1:
-        layer = layer_param_elements(config) / mesh.tensor
+        layer = layer_param_elements(config, mesh) / mesh.tensor
         head = config.vocab_size * config.hidden_size / mesh.tensor / mesh.stage
         gathered = (GATHER_COPIES * layer + HEAD_COPIES["micro-batches" if micro_batches > 1 else "one batch"] * head) * max(param_bytes, activation_bytes) * (1 - 1 / shards)
     batch = 4 * 4 * batch_size * seq_len // mesh.batch_shards // mesh.context
@@ -205,6 +218,7 @@ def estimate_bytes(config: ModelConfig, batch_size: int, seq_len: int, mesh: Mes
         "temporaries": UPDATE_COPIES * p + batch + CODE_BYTES,
         "pipeline": pipeline_buffers(config, batch_size, seq_len, mesh, activation_bytes),
         "gathered kv": context_kv(config, rows, seq_len, mesh),
+        "experts": experts_bytes(config, tokens, mesh, layers, remat, activation_bytes, family),
     }
     if lora is not None:
         terms = lora_peak(terms | lora_terms(config, lora, mesh, tokens, micro_batches=micro_batches, remat=remat,
@@ -299,7 +313,7 @@ def lora_terms(config: ModelConfig, lora: LoraConfig, mesh: MeshShape, tokens: i
     head = LORA_HEAD_COPIES * head * 4 if base_bytes < 4 or shards > 1 else 0.0  # upcast, or gathered whole
     gathered = 0.0
     if shards > 1:
-        layer = layer_param_elements(config) / mesh.tensor
+        layer = layer_param_elements(config, mesh) / mesh.tensor
         gathered = LORA_GATHER_COPIES * layer * max(base_bytes, activation_bytes) * (1 - 1 / shards)
     return {"parameters": base + adapters, "gradients": adapters * (2 if micro_batches > 1 else 1),
             "optimizer": 2 * adapters, "lora dropout": dropout, "gathered": gathered, "head": head,

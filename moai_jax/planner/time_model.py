@@ -23,8 +23,13 @@
                    (forward, backward) and their gradients reduce-scattered: on the critical path
     stage          each tick's [rows, length, hidden] activations passed to the next stage, forward and
                    backward, and the last stage's outputs handed to the head: on the critical path
-Each axis uses the link it spans: devices are laid out tensor innermost, then fsdp, then data, then
-stage, so an axis whose group (with the axes inside it) exceeds a host crosses the slower inter-host
+    expert         under expert parallelism, each MoE layer's token-expert pairs sent to the experts'
+                   devices and back by all-to-all, forward and backward: on the critical path
+                   (planner/experts.py). A MoE model's compute counts its active parameters (the router
+                   and the k experts a token is routed to); outside the MoE layers `expert` splits the
+                   batch and shards the weights like fsdp, while the experts' weights stay on their devices
+Each axis uses the link it spans: devices are laid out tensor innermost, then context, expert, fsdp,
+data and stage, so an axis whose group (with the axes inside it) exceeds a host crosses the slower inter-host
 links. Under a pipeline each stage works on its share of the layers: its weights are gathered over
 fsdp once per tick, its gradients all-reduced over data.
 """
@@ -35,6 +40,7 @@ from moai_jax.accelerator import Hardware
 from moai_jax.models import ModelConfig, flops_per_token, param_count
 from moai_jax.models.lora import LoraConfig, adapter_param_count
 from moai_jax.models.lora import flops_per_token as lora_flops_per_token
+from moai_jax.planner.experts import all_to_all_seconds, expert_param_count, replicated_flops
 from moai_jax.sharding.mesh import MeshShape
 
 PEAK_EFFICIENCY = 0.53  # of peak FLOP/s large bfloat16 matmuls reach in a training step (fitted: planner/published.py)
@@ -69,6 +75,8 @@ def estimate_seconds(config: ModelConfig, batch_size: int, seq_len: int, mesh: M
         per_token, trained = flops_per_token(config, seq_len) * recompute, param_count(config)
     else:
         per_token, trained = lora_work(config, seq_len, lora, remat)
+    if hardware.name != "cpu":  # the sorted path's experts, computed again for the rows GSPMD gathers
+        per_token += replicated_flops(config, seq_len, mesh) * REMAT_FLOPS[remat]
     flops = per_token * tokens
     rows = tokens / micro_batches / mesh.batch_shards / mesh.context  # matmul rows per device per micro-batch
     efficiency = PEAK_EFFICIENCY * rows / (rows + HALF_EFFICIENCY_ROWS) * split_efficiency(config.hidden_size,
@@ -76,15 +84,20 @@ def estimate_seconds(config: ModelConfig, batch_size: int, seq_len: int, mesh: M
     ticks = pipeline_ticks(mesh, micro_batches, virtual_stages)  # micro-batch passes over a device's layers
     compute = flops / (devices * hardware.peak_flops * efficiency) + MICRO_BATCH_OVERHEAD * ticks
 
-    params = param_count(config)
-    s, t, f, d = mesh.stage, mesh.tensor, mesh.fsdp * mesh.context, mesh.data  # weights shard over context too
-    grad_bytes = 4 * trained / (f * t * s)
+    params, experts = param_count(config), expert_param_count(config)
+    s, t, d, x = mesh.stage, mesh.tensor, mesh.data, mesh.expert
+    f = mesh.fsdp * mesh.context * x  # weights shard over context and (outside the experts) expert too
+    trained_experts = experts if lora is None else 0  # LoRA's adapters are on attention (models/lora.py)
+    grad_bytes = 4 * trained / (f * t * s)  # the experts' weights too: experts over expert, embed over the rest
     data = 2 * (d - 1) / d * grad_bytes / _bandwidth(hardware, t * f * d) if d > 1 else 0.0
     fsdp = 0.0
-    if f > 1:
-        shard_volume = params / t / s * (f - 1) / f
+    if f > 1:  # the experts' weights are gathered over fsdp × context only: each device keeps its own experts
+        fe = f // x
+        shard_volume = (params - experts) / t / s * (f - 1) / f + experts / x / t / s * (fe - 1) / fe
+        trained_volume = ((trained - trained_experts) / t / s * (f - 1) / f
+                          + trained_experts / x / t / s * (fe - 1) / fe)
         # gather forward and backward, reduce-scatter the float32 gradients of what trains
-        per_micro = shard_volume * 2 * compute_bytes + trained / t / s * (f - 1) / f * 4
+        per_micro = shard_volume * 2 * compute_bytes + trained_volume * 4
         fsdp = ticks * per_micro / _bandwidth(hardware, t * f)
     tensor = 0.0
     if t > 1:  # one pass's all-reduces, each moving 2 (t − 1) / t of a [rows, hidden] activation
@@ -95,14 +108,16 @@ def estimate_seconds(config: ModelConfig, batch_size: int, seq_len: int, mesh: M
         hidden_under = weight_grads / (devices * hardware.peak_flops * efficiency)
         tensor = forward + backward if overlap_collectives else forward + max(0.0, backward - hidden_under)
     context = context_seconds(config, seq_len, rows, mesh, hardware, ticks, remat, compute_bytes)
+    expert = all_to_all_seconds(config, rows, mesh, _bandwidth(hardware, x * mesh.context * t), ticks, remat,
+                                compute_bytes)
     bubble, stage = pipeline_seconds(config, seq_len, batch_size, mesh, hardware, micro_batches, compute,
                                      compute_bytes, virtual_stages)
     if overlap_collectives:
-        total = compute + bubble + max(0.0, data + fsdp + tensor + stage - OVERLAP * compute) + context
+        total = compute + bubble + max(0.0, data + fsdp + tensor + stage - OVERLAP * compute) + context + expert
     else:
-        total = compute + bubble + max(0.0, data + fsdp - OVERLAP * compute) + tensor + stage + context
+        total = compute + bubble + max(0.0, data + fsdp - OVERLAP * compute) + tensor + stage + context + expert
     return {"compute": compute, "data": data, "fsdp": fsdp, "tensor": tensor, "bubble": bubble, "stage": stage,
-            "context": context, "total": total}
+            "context": context, "expert": expert, "total": total}
 
 
 def context_seconds(config: ModelConfig, seq_len: int, rows: float, mesh: MeshShape, hardware: Hardware,

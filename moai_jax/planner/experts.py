@@ -1,0 +1,143 @@
+"""The planner's terms for Mixture-of-Experts layers (models/moe.py): memory and all-to-all time.
+
+Memory, per device:
+    parameters     the router [embed, experts] (never split over `expert`) and the experts' gate, up and
+                   down [experts, embed, mlp]: `experts` over `expert`, `embed` over fsdp (and context),
+                   `mlp` over tensor; their gradients and Adam moments follow them (memory.py)
+    experts        what the MoE layers keep for backward, by remat policy, plus one layer's working set:
+                   the dispatch buffers (each device's token-expert pairs sorted and sent, the rows its
+                   experts received, their outputs sent back) and the experts' MLP activations on them.
+The experts run on `routed_rows` rows per device: the sorted path (GPU, TPU, and every device under
+expert parallelism) has static buffers sized dropless, `expert` destinations × tokens × min(k, experts
+per device) rows (k × tokens without expert parallelism), where tokens are those of the device's whole
+`expert` group: its shard_map is manual over `expert` only, and GSPMD cannot split `ragged_dot`'s rows, so
+it gathers the rows that data, fsdp and context split (measured: data=8 without expert parallelism compiles to
+4 × the memory of expert=8 on H100s, and each device computes every token's experts). XLA:CPU without
+expert parallelism runs every expert on every token of its own (experts × tokens rows, `moe.resolve`).
+
+Time: each MoE layer sends each device's token-expert pairs to the experts' devices and back (two
+all-to-alls forward, two more backward, and two again under remat full's recompute), each moving
+(expert − 1) / expert of the send buffer over the link the expert axis (with context and tensor inside
+it) spans: on the critical path, since the experts wait for their tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+from moai_jax.models import ModelConfig
+from moai_jax.sharding.mesh import MeshShape
+
+# Elements per routed row and MoE layer kept for backward, by remat policy: (expert MLP width F, hidden D)
+# coefficients, fitted against 11 XLA:CPU compiles of tiny Mixtral / Qwen3-MoE steps on 8 devices
+# (docs/moe.md). remat "matmuls" keeps none of the experts' matmuls: the MoE layer is recomputed whole.
+SAVED = {"none": (6.0, 0.0), "matmuls": (0.0, 0.0), "full": (0.0, 0.0)}
+# One MoE layer's working set per routed row while it runs (or is recomputed): gate, up and their product;
+# the pairs sorted, sent, received, run and sent back, and their gradients (F, D)
+WORKING = (4.49, 13.5)
+# Share of the "experts" term's XLA:CPU size that a compiler family allocates (like memory.FAMILY_SCALES).
+FAMILY_SHARES = {"cpu": 1.0, "gpu": 0.62, "tpu": 1.0}  # gpu: 4 compiles for 8 compile-only H100s; tpu: not fitted
+
+
+def moe_param_shapes(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple]]:
+    """The MoE MLP's parameters stacked over layers, with their logical names (models/moe.py)."""
+    c = config
+    e, x, f, nl = c.hidden_size, c.num_experts, c.expert_size, c.num_layers
+    return {"router": ((nl, e, x), ("layers", "embed", None)),
+            "gate_proj": ((nl, x, e, f), ("layers", "experts", "embed", "mlp")),
+            "up_proj": ((nl, x, e, f), ("layers", "experts", "embed", "mlp")),
+            "down_proj": ((nl, x, f, e), ("layers", "experts", "mlp", "embed"))}
+
+
+def layer_expert_elements(config: ModelConfig, mesh: MeshShape) -> float:
+    """One MoE layer's router and experts as one device of the `expert` axis holds them (before fsdp)."""
+    c = config
+    experts = c.num_experts // mesh.expert if c.num_experts % mesh.expert == 0 else c.num_experts
+    return c.hidden_size * c.num_experts + experts * 3 * c.hidden_size * c.expert_size
+
+
+def path(family: str, mesh: MeshShape) -> str:
+    """How the experts run in the compiled step: "dense" (XLA:CPU without expert parallelism) or "sorted"."""
+    return "dense" if family == "cpu" and mesh.expert == 1 else "sorted"
+
+
+def routed_rows(config: ModelConfig, tokens: float, mesh: MeshShape, family: str) -> float:
+    """Rows the experts of one device run on per MoE layer, for `tokens` tokens of this device."""
+    c = config
+    if path(family, mesh) == "dense":
+        return c.num_experts * tokens
+    shards, tokens = mesh.expert, tokens * gathered_rows(mesh)
+    if c.capacity_factor is not None:  # each expert takes at most `capacity` of the tokens' pairs
+        return c.num_experts * max(1, math.ceil(tokens * c.num_experts_per_tok / c.num_experts * c.capacity_factor))
+    return shards * tokens * min(c.num_experts_per_tok, c.num_experts // shards)
+
+
+def gathered_rows(mesh: MeshShape) -> int:
+    """How many devices' tokens the sorted path's grouped matmul runs on, per device: those of the data,
+    fsdp and context devices around it (GSPMD gathers them: see the module's docstring)."""
+    return mesh.batch_shards * mesh.context // mesh.expert
+
+
+def experts_bytes(config: ModelConfig, tokens: float, mesh: MeshShape, layers: float, remat: str,
+                  activation_bytes: int, family: str) -> float:
+    """The "experts" memory term: `layers` MoE layers' saved activations and one layer's working set."""
+    c = config
+    if not c.num_experts:
+        return 0.0
+    rows = routed_rows(c, tokens, mesh, family)
+    width = c.expert_size / mesh.tensor if c.expert_size % mesh.tensor == 0 else c.expert_size
+    saved_f, saved_d = SAVED[remat]
+    work_f, work_d = WORKING
+    per_row = layers * (saved_f * width + saved_d * c.hidden_size) + work_f * width + work_d * c.hidden_size
+    return FAMILY_SHARES[family] * rows * per_row * activation_bytes
+
+
+def all_to_all_seconds(config: ModelConfig, rows: float, mesh: MeshShape, bandwidth: float, ticks: float,
+                       remat: str, compute_bytes: int) -> float:
+    """Seconds of the MoE layers' all-to-alls in one step (0 without expert parallelism); `rows` are this
+    device's tokens per micro-batch, `bandwidth` the link the expert axis spans."""
+    shards = mesh.expert
+    if not config.num_experts or shards == 1:
+        return 0.0
+    sent = routed_rows(config, rows, mesh, "gpu")  # the send buffer's rows (the sorted path's)
+    per_layer = sent * config.hidden_size * compute_bytes * (shards - 1) / shards
+    passes = 4 + (2 if remat == "full" else 0)
+    moe_layers = sum(config.sparse_layers) / mesh.stage
+    return ticks * moe_layers * passes * per_layer / bandwidth
+
+
+def expert_param_count(config: ModelConfig) -> int:
+    """The experts' weights of every MoE layer (not the router): what expert parallelism splits."""
+    c = config
+    return sum(c.sparse_layers) * c.num_experts * 3 * c.hidden_size * c.expert_size
+
+
+def expert_verdict(s, fits) -> str:
+    """Why the chosen plan splits the experts `expert` ways: the other degrees' best plans are slower
+    (by how much, and where), or do not fit."""
+    e = s.candidate.mesh.expert
+    split = (f"expert={e}: each device holds 1/{e} of every MoE layer's experts, and the layer's all-to-alls take "
+             f"{s.seconds.get('expert', 0):.3f} s a step" if e > 1 else
+             "expert=1: every device holds all experts (no all-to-all)")
+    others = {}
+    for f in fits:  # fastest first: the best plan of each other expert degree
+        others.setdefault(f.candidate.mesh.expert, f)
+    others.pop(e, None)
+    if not others:
+        return f"{split}; no other expert degree fits"
+    best = min(others.values(), key=lambda f: f.seconds["total"])
+    terms = ("compute", "expert", "data", "fsdp", "tensor", "bubble", "stage", "context")
+    worst = max(terms, key=lambda k: best.seconds.get(k, 0) - s.seconds.get(k, 0))
+    return (f"{split}; the best with expert={best.candidate.mesh.expert} is "
+            f"{best.seconds['total'] / s.seconds['total'] - 1:.1%} slower ({worst} {best.seconds.get(worst, 0):.3f} s "
+            f"against {s.seconds.get(worst, 0):.3f} s)")
+
+
+def replicated_flops(config: ModelConfig, seq_len: int, mesh: MeshShape) -> float:
+    """Training FLOPs per token of the experts that each device computes again for the data and fsdp devices
+    around it (the sorted path's gathered rows, `gathered_rows`; 0 when expert takes the whole batch split)."""
+    c = config
+    if not c.num_experts:
+        return 0.0
+    return 6 * sum(c.sparse_layers) * c.num_experts_per_tok * 3 * c.hidden_size * c.expert_size * (
+        gathered_rows(mesh) - 1)

@@ -1,0 +1,54 @@
+"""The planner on Mixture-of-Experts models: presets' parameter counts, expert parallelism chosen where it must
+be, the plan saying so, and the memory model against a compiled tiny MoE step."""
+
+import dataclasses
+import math
+
+import pytest
+
+from moai_jax import Accelerator, plan
+from moai_jax.models import ModelConfig, param_count
+from moai_jax.models.config import active_param_count
+from moai_jax.planner.memory import param_shapes
+from moai_jax.sizes import parse_bytes
+
+# Published totals and active parameters, in billions (model cards of the Hugging Face checkpoints)
+PUBLISHED = {"mixtral-8x7b": (46.7, 12.9), "qwen3-30b-a3b": (30.5, 3.3), "qwen3-235b-a22b": (235.0, 22.0),
+             "olmoe-1b-7b": (6.9, 1.3)}
+# test_moe's tiny Qwen3-MoE, 8 experts, top-2
+TINY_MOE = ModelConfig(model_type="qwen3_moe", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
+                       num_heads=4, num_kv_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
+                       moe_intermediate_size=32)
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_moe_presets_have_the_published_parameter_counts(name):
+    config = ModelConfig.preset(name)
+    total, active = PUBLISHED[name]
+    assert param_count(config) / 1e9 == pytest.approx(total, rel=0.005)
+    assert active_param_count(config) / 1e9 == pytest.approx(active, rel=0.02)  # published to 2 or 3 digits
+    assert sum(math.prod(shape) for shape, _ in param_shapes(config).values()) == param_count(config)
+
+
+def test_planner_splits_the_experts_where_nothing_else_fits():
+    """fsdp and context fixed at 1, one key/value head (no tensor split), one layer (no stages): the 64
+    experts' weights and Adam state replicated over data do not fit 300 MB; split over expert=8 they do."""
+    config = dataclasses.replace(TINY_MOE, num_kv_heads=1, num_layers=1, hidden_size=256, moe_intermediate_size=512,
+                                 num_experts=64)
+    acc = Accelerator(8, "h100", device_memory=parse_bytes("300MB"))
+    chosen = plan(config, 16, 128, acc, verify=False, fsdp=1, context=1)
+    assert chosen.mesh.expert == 8
+    assert "EP 8" in chosen.summary()
+    assert "expert=8: each device holds 1/8" in chosen.why
+    replicated = plan(config, 16, 128, Accelerator(8, "h100"), verify=False, fsdp=1, context=1, expert=1)
+    assert replicated.estimated_bytes_per_device["total"] > chosen.budget_bytes_per_device
+
+
+def test_memory_estimate_of_a_compiled_expert_parallel_step():
+    acc = Accelerator(8, "cpu")
+    verified = plan(TINY_MOE, 8, 256, acc, data=1, fsdp=1, tensor=1, expert=8, micro_batches=1, remat="none",
+                    loss="whole")
+    assert "EP 8" in verified.summary()
+    estimated = verified.estimated_bytes_per_device["total"]
+    assert verified.estimated_bytes_per_device["experts"] > 0
+    assert estimated == pytest.approx(verified.verified_bytes_per_device, rel=0.25)
