@@ -12,6 +12,11 @@ base. A projection computes
 
 as two low-rank matmuls, never the full-size update. A carries the weight's input axis names and B
 its output names (with `rank`, never split between them), so adapters are sharded like their base.
+
+In a Mixture-of-Experts model "gate", "up" and "down" adapt every expert's projections, one adapter per expert
+(A [layers, experts, in, r], B [layers, experts, r, out], split over the `expert` mesh axis with the experts;
+models/moe.py runs them beside each expert's weights). They have no dropout: an expert sees only the tokens routed
+to it, and PEFT's adapters on fused experts (`target_parameters`) refuse dropout too.
 """
 
 from __future__ import annotations
@@ -106,10 +111,15 @@ def from_arguments(args) -> LoraConfig | None:
     return LoraConfig(**given, seed=getattr(args, "seed", 0))
 
 
+def on_experts(config: ModelConfig, target: str) -> bool:
+    """Whether `target` adapts the experts of a Mixture-of-Experts model (one adapter per expert)."""
+    return bool(config.num_experts) and TARGETS[target][0] == "mlp"
+
+
 def weight_axes(config: ModelConfig, targets=tuple(TARGETS)) -> dict[str, tuple]:
-    """target → (input shape, input names, output shape, output names) of its weight in one layer."""
+    """target → (input shape, input names, output shape, output names) of its weight in one layer (of one expert)."""
     c = config
-    e, n, k, h, f = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
+    e, n, k, h, f = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.expert_size
     axes = {
         "q": ((e,), ("embed",), (n, h), ("heads", "head_dim")),
         "k": ((e,), ("embed",), (k, h), ("kv_heads", "head_dim")),
@@ -126,25 +136,31 @@ def adapter_shapes(config: ModelConfig, lora: LoraConfig) -> dict[str, tuple[tup
     """Every adapter parameter's shape and logical names (stacked over layers), as `apply_lora` creates them."""
     shapes = {}
     for target, (in_shape, in_names, out_shape, out_names) in weight_axes(config, lora.targets).items():
-        shapes[f"{target}.a"] = ((config.num_layers, *in_shape, lora.r), ("layers", *in_names, "rank"))
-        shapes[f"{target}.b"] = ((config.num_layers, lora.r, *out_shape), ("layers", "rank", *out_names))
+        lead, names = ((config.num_layers, config.num_experts), ("layers", "experts")) if on_experts(
+            config, target) else ((config.num_layers,), ("layers",))
+        shapes[f"{target}.a"] = ((*lead, *in_shape, lora.r), (*names, *in_names, "rank"))
+        shapes[f"{target}.b"] = ((*lead, lora.r, *out_shape), (*names, "rank", *out_names))
     return shapes
 
 
-def adapter_param_count(config: ModelConfig, lora: LoraConfig) -> int:
-    return sum(math.prod(shape) for shape, _ in adapter_shapes(config, lora).values())
+def adapter_param_count(config: ModelConfig, lora: LoraConfig, active: bool = False) -> int:
+    """The adapters' parameters; `active`: those one token uses (of the experts' adapters, its k experts')."""
+    used = config.num_experts_per_tok / config.num_experts if active and config.num_experts else 1
+    return round(sum(math.prod(shape) * (used if on_experts(config, name.split(".")[0]) else 1)
+                     for name, (shape, _) in adapter_shapes(config, lora).items()))
 
 
 def flops_per_token(config: ModelConfig, seq_len: int, lora: LoraConfig) -> float:
     """Training FLOPs per token under LoRA: the base's matmuls forward and their input gradients
     backward (4 · N_matmul, no weight gradients: about 2/3 of full fine-tuning's 6 · N_matmul),
-    attention as in full fine-tuning, and the adapters' two matmuls with every gradient (6 · N_adapter)."""
+    attention as in full fine-tuning, and the adapters' two matmuls with every gradient (6 · N_adapter, of a
+    Mixture-of-Experts model's expert adapters those of the k experts a token is routed to)."""
     from moai_jax.models.config import flops_per_token as full_flops
 
     c = config
     matmul_params = (full_flops(c, seq_len) - 6 * c.num_layers * seq_len * c.num_heads * c.head_dim) / 6
     attention = 6 * c.num_layers * seq_len * c.num_heads * c.head_dim
-    return float(4 * matmul_params + attention + 6 * adapter_param_count(config, lora))
+    return float(4 * matmul_params + attention + 6 * adapter_param_count(config, lora, active=True))
 
 
 class Frozen(nnx.Variable):
@@ -248,11 +264,12 @@ def apply_lora(model, lora: LoraConfig):
         part, _, projection, _ = TARGETS[target]
         a_shape, a_names = shapes[f"{target}.a"]
         b_shape, b_names = shapes[f"{target}.b"]
-        bound = 1 / math.sqrt(math.prod(a_shape[1:-1]))  # PyTorch's Linear init, as PEFT draws A
+        experts = on_experts(config, target)
+        bound = 1 / math.sqrt(math.prod(a_shape[1 + experts:-1]))  # PyTorch's Linear init, as PEFT draws A
         a = jax.random.uniform(jax.random.fold_in(key, i), a_shape, jnp.float32, -bound, bound)
         seeds = (jnp.uint32(i) * config.num_layers + layers) * jnp.uint32(_GOLDEN)
-        setattr(getattr(model.layers, part), f"lora_{projection}",
-                Adapter(a, a_names, b_shape, b_names, scale=lora.scale, rate=lora.dropout, seeds=seeds))
+        setattr(getattr(model.layers, part), f"lora_{projection}", Adapter(
+            a, a_names, b_shape, b_names, scale=lora.scale, rate=0.0 if experts else lora.dropout, seeds=seeds))
     return model
 
 
@@ -308,9 +325,10 @@ def merge(model):
     values = jax.tree.map(lambda w: w.astype(jnp.float32), nnx.to_pure_dict(nnx.state(model, Frozen)))
     for target, adapter in found.items():
         part, weight, _, _ = TARGETS[target]
-        a, b = adapter.a[...], adapter.b[...]
         product = lambda a, b: jnp.tensordot(a, b, axes=1, precision=jax.lax.Precision.HIGHEST)  # noqa: E731
-        delta = jax.vmap(product)(a, b) * adapter.scale
+        for _ in range(1 + on_experts(model.config, target)):  # over the layers (and the experts)
+            product = jax.vmap(product)
+        delta = product(adapter.a[...], adapter.b[...]) * adapter.scale
         values["layers"][part][weight] = values["layers"][part][weight] + delta
     nnx.replace_by_pure_dict(params, values)
     return nnx.merge(graphdef, params, rest)

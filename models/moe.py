@@ -2,7 +2,8 @@
 
 The router is Mixtral's, Qwen3-MoE's and OLMoE's: float32 logits, softmax, top-k, the k probabilities
 renormalised to sum to 1 where the family does (`norm_topk_prob`). Each expert is a SwiGLU MLP
-[experts, embed, mlp]; a token's output is the weighted sum of its k experts' outputs.
+[experts, embed, mlp]; a token's output is the weighted sum of its k experts' outputs. Under LoRA each expert's
+projection has its own adapter (A [experts, in, r], B [experts, r, out], split over the experts like the weights).
 
 Three ways to compute it, the same function (up to rounding) when nothing is dropped:
 - "dense": every expert on every token, weighted by the router (zero for the experts not chosen).
@@ -97,20 +98,33 @@ class MoE(nnx.Module):
         c = self.config
         b, t, d = x_BTD.shape
         mask_BT = jnp.ones((b, t), jnp.float32) if segment_ids_BT is None else (segment_ids_BT != 0).astype(jnp.float32)
-        weights = tuple(w[...].astype(self.dtype) for w in (self.gate_proj, self.up_proj, self.down_proj))
+        weights = self._expert_weights()
         router_DE = self.router[...].astype(jnp.float32)
         mesh, axis = active_mesh(), mesh_axis("experts", c.num_experts)
         shards = mesh.shape[axis] if isinstance(axis, str) else 1
         if shards > 1 and b % shards == 0:
-            def local(x_BTD, mask_BT, router_DE, *weights):
+            def local(x_BTD, mask_BT, router_DE, weights):
                 return _routed(x_BTD, mask_BT, router_DE, weights, c, "sorted", axis, shards)
 
-            specs = (P(axis), P(axis), P(), P(axis), P(axis), P(axis))  # tokens, mask, router, the experts' weights
+            specs = (P(axis), P(axis), P(), P(axis))  # tokens, mask, router, the experts' weights (and adapters)
             y_BTD, stats_B1X = jax.shard_map(local, mesh=mesh, axis_names=manual_axes(axis), in_specs=specs,
-                                             out_specs=(P(axis), P(axis)))(x_BTD, mask_BT, router_DE, *weights)
+                                             out_specs=(P(axis), P(axis)))(x_BTD, mask_BT, router_DE, weights)
         else:
             y_BTD, stats_B1X = _routed(x_BTD, mask_BT, router_DE, weights, c, resolve(implementation, c), None, 1)
         return constrain(y_BTD, ("batch", "length", "embed")), stats_B1X
+
+    def _expert_weights(self) -> tuple[tuple, ...]:
+        """Gate, up and down as (weight,) or, with a LoRA adapter (models/lora.py), (weight, A, scale · B), each
+        with the experts in front: [experts, in, out], [experts, in, rank], [experts, rank, out]."""
+        projections = []
+        for weight, projection in ((self.gate_proj, "gate"), (self.up_proj, "up"), (self.down_proj, "down")):
+            adapter, w = getattr(self, f"lora_{projection}", None), weight[...].astype(self.dtype)
+            if adapter is None:
+                projections.append((w,))
+            else:
+                scale = jnp.asarray(adapter.scale, self.dtype)
+                projections.append((w, adapter.a[...].astype(self.dtype), adapter.b[...].astype(self.dtype) * scale))
+        return tuple(projections)
 
 
 def _routed(x_BTD, mask_BT, router_DE, weights, c: ModelConfig, implementation: str, axis, shards: int):
@@ -135,12 +149,22 @@ def _routed(x_BTD, mask_BT, router_DE, weights, c: ModelConfig, implementation: 
 
 def _every_expert(x_TD, weights_TK, experts_TK, weights, activation):
     """Every expert on every token, weighted by the router's (renormalised) top-k probabilities."""
-    gate_EDF, up_EDF, down_EFD = weights
+    gate, up, down = weights
     t = x_TD.shape[0]
-    gate_TE = jnp.zeros((t, gate_EDF.shape[0]), jnp.float32).at[jnp.arange(t)[:, None], experts_TK].add(weights_TK)
-    h_ETF = activation(jnp.einsum("td,edf->etf", x_TD, gate_EDF)) * jnp.einsum("td,edf->etf", x_TD, up_EDF)
-    y_ETD = jnp.einsum("etf,efd->etd", h_ETF, down_EFD)
+    gate_TE = jnp.zeros((t, gate[0].shape[0]), jnp.float32).at[jnp.arange(t)[:, None], experts_TK].add(weights_TK)
+    h_ETF = activation(_each_expert(x_TD, gate, "td")) * _each_expert(x_TD, up, "td")
+    y_ETD = _each_expert(h_ETF, down, "etf")
     return jnp.einsum("te,etd->td", gate_TE.astype(x_TD.dtype), y_ETD)
+
+
+def _each_expert(x, projection, x_axes: str):
+    """A projection (weight[, A, B]) of every expert on `x`: the tokens ("td") or each expert's own rows ("etf")."""
+    contract = x_axes[-1]
+    y_ETO = jnp.einsum(f"{x_axes},e{contract}o->eto", x, projection[0])
+    if len(projection) == 3:
+        xa_ETR = jnp.einsum(f"{x_axes},e{contract}r->etr", x, projection[1])
+        y_ETO = y_ETO + jnp.einsum("etr,ero->eto", xa_ETR, projection[2])
+    return y_ETO
 
 
 def _exclusive_cumsum(counts):
@@ -184,11 +208,19 @@ def _dispatched(x_TD, weights_TK, experts_TK, weights, activation, c: ModelConfi
 
 def _grouped_experts(rows_RD, expert_R, weights, activation):
     """Each row through its expert's MLP (expert id = number of experts: an empty row, output 0)."""
-    gate_EDF, up_EDF, down_EFD = weights
-    experts = gate_EDF.shape[0]
+    gate, up, down = weights
+    experts = gate[0].shape[0]
     order_R = jnp.argsort(expert_R, stable=True)
     sizes_E = jnp.bincount(expert_R, length=experts + 1)[:experts].astype(jnp.int32)
     x_RD = rows_RD[order_R]
-    h_RF = activation(jax.lax.ragged_dot(x_RD, gate_EDF, sizes_E)) * jax.lax.ragged_dot(x_RD, up_EDF, sizes_E)
-    y_RD = jax.lax.ragged_dot(h_RF, down_EFD, sizes_E)
+    h_RF = activation(_grouped(x_RD, gate, sizes_E)) * _grouped(x_RD, up, sizes_E)
+    y_RD = _grouped(h_RF, down, sizes_E)
     return jnp.zeros_like(y_RD).at[order_R].set(y_RD)
+
+
+def _grouped(x_RI, projection, sizes_E):
+    """A projection (weight[, A, B]) of rows sorted by expert, `sizes_E` rows each: grouped matmuls."""
+    y_RO = jax.lax.ragged_dot(x_RI, projection[0], sizes_E)
+    if len(projection) == 3:
+        y_RO = y_RO + jax.lax.ragged_dot(jax.lax.ragged_dot(x_RI, projection[1], sizes_E), projection[2], sizes_E)
+    return y_RO

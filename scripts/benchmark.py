@@ -11,16 +11,16 @@ moai_jax: compile (excluded), `--warmup` steps, then `--steps` steps each synced
 (devices × the hardware's peak FLOP/s for the compute dtype). The reference is the same config as
 transformers' `AutoModelForCausalLM` (random weights, SDPA attention) with `torch.optim.AdamW`
 (fused on CUDA), the same batch, block, optimizer settings and gradient clipping, timed the same way,
-on ONE device (cuda:0 or the CPU) in its own process, before JAX starts. bf16 means float32 master
-parameters with bfloat16 compute on both sides (torch autocast). Weights are always random: a Hugging
-Face directory only supplies the shape.
+on ONE device (cuda:0 or the CPU) in its own process, before JAX starts (scripts/benchmark_reference.py).
+bf16 means float32 master parameters with bfloat16 compute on both sides (torch autocast). Weights are
+always random: a Hugging Face directory only supplies the shape. A Mixture-of-Experts model (`tiny-moe`)
+trains with its load-balancing loss on both sides.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import os
 import statistics
@@ -36,15 +36,20 @@ FLOAT32_PEAK = {"h100": 494e12, "h200": 494e12, "a100-80gb": 156e12, "a100-40gb"
                 "mi300x": 654e12}
 # (model, batch size, remat) of `--suite accelerator`: block 4096, one device.
 ACCELERATOR_SUITE = (("llama3.2-1b", 2, "auto"), ("llama3.2-3b", 1, "matmuls"))
-CPU_SUITE = (("tiny", 8, 128), ("llama-100m", 8, 128))  # (model, batch size, block size) at flavors 1 and 8
+# (model, batch size, block size) of `--suite cpu`, at flavors 1 and 8
+CPU_SUITE = (("tiny", 8, 128), ("tiny-moe", 8, 128), ("llama-100m", 8, 128))
 
 
 def benchmark_shapes():
-    """Shapes the benchmark knows besides the presets: `llama-100m`, Llama 3.2 scaled to ~100M parameters."""
+    """Shapes the benchmark knows besides the presets: `llama-100m`, Llama 3.2 scaled to ~100M parameters, and
+    `tiny-moe`, the tiny model as a Qwen3-MoE (8 experts of width 32, top-2, load-balancing loss 0.01)."""
     from moai_jax.models import ModelConfig
     small = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_layers=12, num_heads=12,
                  num_kv_heads=4, head_dim=64, bos_token_id=1, eos_token_id=2)
-    return {"llama-100m": dataclasses.replace(ModelConfig.preset("llama3.2-1b"), **small)}
+    moe = dict(model_type="qwen3_moe", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+               router_aux_loss_coef=0.01)
+    return {"llama-100m": dataclasses.replace(ModelConfig.preset("llama3.2-1b"), **small),
+            "tiny-moe": dataclasses.replace(ModelConfig.preset("tiny"), **moe)}
 
 
 def model_config(name: str):
@@ -55,9 +60,11 @@ def model_config(name: str):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", "--model-name-or-path", dest="model", default="tiny",
-                   help="a preset (tiny, llama3.2-1b, ...), llama-100m, or a Hugging Face directory (shape only)")
+                   help="a preset (tiny, llama3.2-1b, ...), llama-100m, tiny-moe, or a Hugging Face directory "
+                        "(shape only)")
     p.add_argument("--flavor", default="1", help="devices behind the one virtual accelerator (simulated on a CPU)")
     p.add_argument("--batch-size", type=int, default=8, help="global batch (sequences per step)")
     p.add_argument("--block-size", type=int, default=128, help="tokens per sequence")
@@ -78,7 +85,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--torch-compile", action="store_true", help="torch.compile the reference model")
     p.add_argument("--suite", choices=("accelerator", "cpu", "parity"), default=None)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    p.add_argument("--reference-only", action="store_true", help=argparse.SUPPRESS)
     from moai_jax import distributed  # one job of several processes: python -m moai_jax.launch, srun, ...
 
     distributed.add_arguments(p)
@@ -196,92 +202,13 @@ def parity(steps: int = 50, batch_size: int = 8, seq_len: int = 32, lr: float = 
             "ok": difference <= 0.02, "platform": accelerator.platform}
 
 
-# -- transformers on PyTorch -----------------------------------------------------------------------
-def torch_reference(args, config) -> dict:
-    """The same training step in transformers + PyTorch on one device; run in its own process."""
-    import gc
-
-    import numpy as np
-    import torch
-    import transformers
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and importlib.util.find_spec("libtpu") is not None:
-        return {"framework": "transformers (PyTorch)", "error": "no GPU for PyTorch on a TPU host; use --no-reference"}
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
-    hf = config.to_hf_dict()
-    hf_config = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
-    batches = [torch.from_numpy(b.astype(np.int64))
-               for b in random_batches(config.vocab_size, args.batch_size, args.block_size)]
-
-    def run(checkpointing: bool) -> dict:
-        torch.manual_seed(0)
-        with torch.device(device):  # initialized where it runs: a 3B model on the CPU first takes minutes
-            model = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa",
-                                                                  dtype=torch.float32)
-        model.train()
-        if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        step_model = torch.compile(model) if args.torch_compile else model
-        optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, betas=(0.9, 0.95), eps=1e-8,
-                                      weight_decay=0.0, fused=device == "cuda")
-
-        def step(ids):
-            ids = ids.to(device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-                loss = step_model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            return loss
-
-        for i in range(args.warmup):
-            step(batches[i % 2])
-        if device == "cpu" and torch.get_num_threads() > 1:
-            # OpenMP threads on a busy or small CPU can be many times slower than one: keep the faster.
-            timed = {}
-            for threads in (torch.get_num_threads(), 1):
-                torch.set_num_threads(threads)
-                start = time.perf_counter()
-                step(batches[0])
-                timed[threads] = time.perf_counter() - start
-            torch.set_num_threads(min(timed, key=timed.get))
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        times = []
-        for i in range(args.steps):
-            start = time.perf_counter()
-            loss = step(batches[i % 2])
-            times.append(time.perf_counter() - start)
-        step_seconds = statistics.median(times)
-        name = torch.cuda.get_device_name(0) if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-        return {"framework": "transformers (PyTorch)", "devices": 1, "device": f"1 × {name}", "dtype": dtype,
-                "remat": "gradient checkpointing" if checkpointing else "none", "step_seconds": step_seconds,
-                "tokens_per_sec": args.batch_size * args.block_size / step_seconds, "final_loss": float(loss.detach()),
-                "measured_peak_bytes": torch.cuda.max_memory_allocated() if device == "cuda" else None,
-                "torch": torch.__version__, "transformers": transformers.__version__}
-
-    if device == "cuda":
-        torch.set_float32_matmul_precision("high")  # TF32, as XLA uses for float32 matmuls on GPU
-    # PyTorch's best shot: without gradient checkpointing if that fits, else with it.
-    for checkpointing in [False] if args.remat == "none" else [False, True]:
-        try:
-            return run(checkpointing)
-        except torch.OutOfMemoryError:
-            pass
-        gc.collect()  # outside the except block, so the failed frame (and its model) is gone
-        torch.cuda.empty_cache()
-    return {"framework": "transformers (PyTorch)", "error": "out of memory on one device"}
-
-
+# -- transformers on PyTorch (scripts/benchmark_reference.py) ----------------------------------------
 def reference_in_subprocess(args) -> dict:
     """Run the PyTorch reference in a child process, so its CUDA memory is free before JAX starts."""
-    argv = [sys.executable, str(SCRIPT), "--reference-only", "--json", "--model", args.model, "--batch-size",
-            str(args.batch_size), "--block-size", str(args.block_size), "--steps", str(args.steps), "--warmup",
-            str(args.warmup), "--dtype", args.dtype, "--remat", args.remat] + (["--torch-compile"] * args.torch_compile)
+    argv = [sys.executable, str(SCRIPT.parent / "benchmark_reference.py"), "--hf-config",
+            json.dumps(model_config(args.model).to_hf_dict()), "--batch-size", str(args.batch_size), "--block-size",
+            str(args.block_size), "--steps", str(args.steps), "--warmup", str(args.warmup), "--dtype", args.dtype,
+            "--remat", args.remat] + (["--torch-compile"] * args.torch_compile)
     done = subprocess.run(argv, capture_output=True, text=True)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
@@ -441,9 +368,6 @@ def run(args) -> int:
     from moai_jax.accelerator import parse_flavor, simulate_devices
     from moai_jax.errors import MoaiError
 
-    if args.reference_only:
-        print(json.dumps(torch_reference(args, model_config(args.model))))
-        return 0
     for name in ("batch_size", "block_size", "steps"):
         if getattr(args, name) < 1:
             raise MoaiError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")

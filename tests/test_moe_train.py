@@ -107,3 +107,62 @@ def test_greedy_generation_with_the_kv_cache_equals_transformers(moe_dir, flavor
     expected = transformers_greedy(hf_model, prompts(), generator.eos)
     assert max(map(len, expected)) == NEW_TOKENS  # not all rows stopped early
     assert generator.run(prompts(), NEW_TOKENS).token_ids == expected
+
+
+def random_lora(folder: Path, lora):
+    """The model of `folder` with LoRA on it and every adapter's B random (B = 0 would hide a wrong export)."""
+    import jax
+
+    from moai_jax.models import load_pretrained
+    from moai_jax.models import lora as lora_lib
+
+    model = lora_lib.apply_lora(load_pretrained(folder), lora)
+    for i, adapter in enumerate(lora_lib.adapters(model).values()):
+        adapter.b[...] = 0.1 * jax.random.normal(jax.random.key(i), adapter.b.shape)
+    model.eval()
+    return model
+
+
+@pytest.mark.parametrize("targets", ["q,k,v,o,gate,up,down", "v,up"])
+def test_lora_on_experts_merges_and_loads_in_peft_with_equal_logits(moe_dir, tmp_path, targets):
+    import jax.numpy as jnp
+    import numpy as np
+    from peft import PeftModel
+
+    from moai_jax.models import lora as lora_lib
+    from moai_jax.models.peft import save_adapters
+
+    lora = lora_lib.LoraConfig(r=4, targets=targets)
+    model = random_lora(moe_dir, lora)
+    adapter = lora_lib.adapters(model)["up"]  # one adapter per expert, stacked after the layers
+    assert adapter.a.shape == (2, 8, 64, 4) and adapter.b.shape == (2, 8, 4, 32)
+    ids = np.random.default_rng(0).integers(0, 300, (2, 24))
+    logits = np.asarray(model(jnp.asarray(ids)))
+    assert np.abs(logits - np.asarray(lora_lib.merge(model)(jnp.asarray(ids)))).max() < 1e-5
+    save_adapters(model, tmp_path / "adapter", lora, str(moe_dir))
+    base = transformers.AutoModelForCausalLM.from_pretrained(moe_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        base_logits = base(torch.as_tensor(ids)).logits.numpy()
+        theirs = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()(torch.as_tensor(ids)).logits.numpy()
+    assert np.abs(logits - theirs).max() < 1e-4 < 1e-2 < np.abs(logits - base_logits).max()  # the adapters count
+
+
+def test_expert_adapters_are_split_with_the_experts():
+    import jax
+    from flax import nnx
+
+    from moai_jax.models import Decoder, ModelConfig
+    from moai_jax.models import lora as lora_lib
+    from moai_jax.sharding.mesh import MeshShape, make_mesh
+    from moai_jax.sharding.rules import tree_shardings
+
+    config = ModelConfig.from_hf_dict(transformers.Qwen3MoeConfig(**TINY).to_dict())
+    model = nnx.eval_shape(lambda: lora_lib.apply_lora(Decoder(config, rngs=nnx.Rngs(0)), lora_lib.LoraConfig(r=4)))
+    params = nnx.state(model, nnx.Param)
+    mesh = make_mesh(MeshShape.parse("expert=4,tensor=2"), jax.devices())
+    shardings = tree_shardings(nnx.to_pure_dict(nnx.get_partition_spec(params)), nnx.to_pure_dict(params), mesh)
+    for name in ("lora_gate", "lora_up", "lora_down"):
+        a, b = (tuple(shardings["layers"]["mlp"][name][x].spec) for x in "ab")
+        assert a[:2] == b[:2] == (None, "expert"), (name, a, b)  # [layers, experts, ...]: the experts split
+    assert lora_lib.adapter_param_count(config, lora_lib.LoraConfig(r=4), active=True) < lora_lib.adapter_param_count(
+        config, lora_lib.LoraConfig(r=4))  # a token uses 2 of the 8 experts' adapters
