@@ -87,14 +87,10 @@ def pipeline_micro_batches(model: nnx.Module, plan: Plan) -> int:
 
 def target_attention(config, plan: Plan, device: jax.Device) -> str:
     """What "auto" attention is for the devices compiled for (compile-only H100s: cuDNN), not this
-    machine's; blockwise where cuDNN cannot take the plan's split (it needs queries, keys and values
-    split alike: a tensor axis that divides the key/value heads), soft-capped scores, or a pipeline (JAX
-    0.10's cuDNN attention cannot be vmapped over stages with a segment mask), or context parallelism
-    (models/context.py: local queries over gathered keys, which JAX's cuDNN attention cannot take)."""
+    machine's; blockwise where cuDNN cannot take the plan (`attention.cudnn_fits`)."""
     kernel = attention_lib.resolve("auto", jnp.dtype(plan.compute_dtype), config.head_dim, device)
-    unfit = (config.num_kv_heads % plan.mesh.tensor or config.attn_logit_softcapping is not None
-             or plan.mesh.stage > 1 or plan.mesh.context > 1)
-    return "blockwise" if kernel == "cudnn" and unfit else kernel
+    fits = attention_lib.cudnn_fits(config, plan.mesh.tensor, plan.mesh.stage, plan.mesh.context)
+    return "blockwise" if kernel == "cudnn" and not fits else kernel
 
 
 def build_step(abstract: nnx.Module, optimizer: optax.GradientTransformation, plan: Plan, mesh, *,

@@ -8,7 +8,8 @@
     attention       the blockwise attention's float32 score blocks
     recompute       one layer's working set while backward runs (re)computes it
     logits          float32 [tokens, vocab / tensor] logits, their gradient and softmax: whole or one chunk
-    gathered        FSDP: one layer's weights (and the head) all-gathered in flight, forward and backward
+    gathered        FSDP: one layer's weights all-gathered in flight, forward and backward
+    gathered head   FSDP: the embedding and head all-gathered in flight, and their gradients
     tied table      FSDP with tied embeddings: the table's float32 gradient whole, where the lookup's and
                     the head's contributions meet
     temporaries     the optimizer update's transient copies, the batch, compiled code
@@ -40,6 +41,7 @@ import functools
 import math
 
 from moai_jax.models import ModelConfig
+from moai_jax.models.attention import cudnn_fits
 from moai_jax.models.lora import LoraConfig, adapter_shapes, weight_axes
 from moai_jax.planner.experts import experts_bytes, layer_expert_elements, moe_param_shapes
 from moai_jax.sharding.mesh import MeshShape
@@ -67,27 +69,33 @@ PIPELINE_COPIES = 6.29  # [batch, length, embed] buffers of a pipeline: stage in
 
 
 # Per compiler family, the share of each term's XLA:CPU size that its compiler allocates, fitted against
-# compiles for the target (memory_model_check.py --target): "term" for every remat policy, "term remat"
-# for one. A term a family does not name keeps its CPU size. XLA:CPU's own copies (the LoRA base's
-# 16-bit bit copy, float32 upcasts of 16-bit slices) belong to the CPU family only.
+# compiles for the target (memory_model_check.py --target): "term" for every step, "term mode" for steps
+# with that remat policy, loss mode or batching ("micro-batches", "one batch"), looked up in that order. A
+# term a family does not name keeps its CPU size. XLA:CPU's own copies (the LoRA base's 16-bit bit copy,
+# float32 upcasts of 16-bit slices) belong to the CPU family only.
 FAMILY_SCALES: dict[str, dict[str, float]] = {
     "cpu": {},
-    # 19 compiles for compile-only H100s (memory_model_check.py --target gpu, docs/targets.md): bfloat16
-    # activations, cuDNN attention (no score blocks), no XLA:CPU copies of the frozen LoRA base
-    "gpu": {"activations none": 0.614, "activations matmuls": 0.703, "activations full": 0.463, "attention": 0.0,
-            "recompute": 0.92, "logits": 1.02, "gathered": 1.45, "pipeline": 1.05, "lora dropout": 1.05,
-            "head": 0.0, "base copy": 0.0, "tied table": 0.0},
+    # 21 compiles for compile-only H100s (memory_model_check.py --target gpu, docs/targets.md): bfloat16
+    # activations, cuDNN attention (no score blocks), a third gradient-sized buffer under micro-batches,
+    # no XLA:CPU copies of the frozen LoRA base
+    "gpu": {"activations none": 0.648, "activations matmuls": 0.495, "activations full": 0.431,
+            "recompute matmuls": 1.436, "recompute full": 0.377, "logits whole": 0.98, "logits chunked": 1.383,
+            "gathered": 0.0, "gathered head whole": 0.734, "gathered head chunked": 0.831, "attention": 0.0,
+            "pipeline": 1.136, "gradients micro-batches": 1.49, "lora dropout": 1.309, "head": 0.0,
+            "base copy": 0.0, "tied table": 0.0},
     # 10 compiles for compile-only TPU v5p / v5e slices (--target tpu): 9 shares for 10 cases, so a first fit
     "tpu": {"activations none": 0.59, "activations matmuls": 0.778, "activations full": 1.74, "attention": 0.0,
-            "recompute": 0.0, "logits": 1.38, "gathered": 0.0, "pipeline": 0.401, "lora dropout": 0.495,
+            "recompute": 0.0, "logits": 1.38, "gathered": 0.0, "gathered head": 0.0, "pipeline": 0.401, "lora dropout": 0.495,
             "head": 0.0, "base copy": 0.0, "tied table": 0.0},
 }
 
 
-def family_scaled(terms: dict[str, float], family: str, remat: str) -> dict[str, float]:
-    """`terms` as the `family`'s compiler allocates them (see FAMILY_SCALES)."""
+def family_scaled(terms: dict[str, float], family: str, modes: tuple[str, ...]) -> dict[str, float]:
+    """`terms` as the `family`'s compiler allocates them (see FAMILY_SCALES); `modes`: the step's remat
+    policy, loss mode and batching ("micro-batches" or "one batch"), in the order their shares are looked for."""
     scales = FAMILY_SCALES[family]
-    return {k: v * scales.get(f"{k} {remat}", scales.get(k, 1.0)) for k, v in terms.items()}
+    return {k: v * next((scales[f"{k} {m}"] for m in modes if f"{k} {m}" in scales), scales.get(k, 1.0))
+            for k, v in terms.items()}
 
 
 def param_shapes(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
@@ -182,8 +190,8 @@ def estimate_bytes(config: ModelConfig, batch_size: int, seq_len: int, mesh: Mes
                    remat: str = "none", loss: str = "whole", param_bytes: int = 4, activation_bytes: int = 4,
                    lora: LoraConfig | None = None, base_bytes: int = 2, family: str = "cpu") -> dict[str, int]:
     """Estimated bytes per device of the train step, by term, with "total", as the `family`'s compiler
-    ("gpu", "tpu", "cpu") allocates them. With `lora`, only the adapters train and the base is stored
-    in `base_bytes` per element (see `lora_terms`)."""
+    ("gpu", "tpu", "cpu") allocates them. `base_bytes`: the compute dtype's size (16-bit on a GPU runs
+    cuDNN attention where it fits); with `lora`, only the adapters train on a base stored in it (`lora_terms`)."""
     p = sharded_param_elements(config, mesh) * param_bytes
     tokens = batch_size // micro_batches // mesh.batch_shards * seq_len // mesh.context  # per device, one micro-batch
     layers = held_layers(config, mesh, micro_batches, remat)
@@ -198,12 +206,13 @@ def estimate_bytes(config: ModelConfig, batch_size: int, seq_len: int, mesh: Mes
     logits = logit_positions * vocab * 4 * copies
     heads = config.num_heads // mesh.tensor if config.num_heads % mesh.tensor == 0 else config.num_heads
     attention = ATTENTION_COPIES * rows * heads * seq_len // mesh.context * min(ATTENTION_BLOCK, seq_len) * 4
-    gathered = 0
+    gathered = gathered_head = 0
     shards = mesh.fsdp * mesh.context  # weights are sharded (and gathered) over context as over fsdp
     if shards > 1:
-        layer = layer_param_elements(config, mesh) / mesh.tensor
+        unsharded = max(param_bytes, activation_bytes) * (1 - 1 / shards)
+        gathered = GATHER_COPIES * layer_param_elements(config, mesh) / mesh.tensor * unsharded
         head = config.vocab_size * config.hidden_size / mesh.tensor / mesh.stage
-        gathered = (GATHER_COPIES * layer + HEAD_COPIES["micro-batches" if micro_batches > 1 else "one batch"] * head) * max(param_bytes, activation_bytes) * (1 - 1 / shards)
+        gathered_head = HEAD_COPIES["micro-batches" if micro_batches > 1 else "one batch"] * head * unsharded
     batch = 4 * 4 * batch_size * seq_len // mesh.batch_shards // mesh.context
     terms = {
         "parameters": p,
@@ -214,6 +223,7 @@ def estimate_bytes(config: ModelConfig, batch_size: int, seq_len: int, mesh: Mes
         "attention": attention,
         "logits": logits,
         "gathered": gathered,
+        "gathered head": gathered_head,
         "tied table": tied_table(config, mesh),
         "temporaries": UPDATE_COPIES * p + batch + CODE_BYTES,
         "pipeline": pipeline_buffers(config, batch_size, seq_len, mesh, activation_bytes),
@@ -224,7 +234,10 @@ def estimate_bytes(config: ModelConfig, batch_size: int, seq_len: int, mesh: Mes
         terms = lora_peak(terms | lora_terms(config, lora, mesh, tokens, micro_batches=micro_batches, remat=remat,
                                              base_bytes=base_bytes, activation_bytes=activation_bytes, batch=batch),
                           remat)
-    terms = {k: int(v) for k, v in family_scaled(terms, family, remat).items()}
+    if family == "gpu" and base_bytes < 4 and cudnn_fits(config, mesh.tensor, mesh.stage, mesh.context):
+        terms["attention"] = 0  # cuDNN's fused attention keeps no score blocks
+    batching = "micro-batches" if micro_batches > 1 and mesh.stage == 1 else "one batch"
+    terms = {k: int(v) for k, v in family_scaled(terms, family, (remat, loss, batching)).items()}
     terms["total"] = sum(terms.values())
     return terms
 
@@ -316,6 +329,7 @@ def lora_terms(config: ModelConfig, lora: LoraConfig, mesh: MeshShape, tokens: i
         layer = layer_param_elements(config, mesh) / mesh.tensor
         gathered = LORA_GATHER_COPIES * layer * max(base_bytes, activation_bytes) * (1 - 1 / shards)
     return {"parameters": base + adapters, "gradients": adapters * (2 if micro_batches > 1 else 1),
-            "optimizer": 2 * adapters, "lora dropout": dropout, "gathered": gathered, "head": head,
+            "optimizer": 2 * adapters, "lora dropout": dropout, "gathered": gathered, "gathered head": 0.0,
+            "head": head,
             "base copy": _sharded_elements(layers, mesh) * base_bytes if base_bytes < 4 else 0.0,
             "temporaries": UPDATE_COPIES * adapters + batch + CODE_BYTES}
