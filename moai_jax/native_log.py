@@ -5,7 +5,8 @@ plans for absent NVIDIA GPUs), XLA's C++ code writes "Could not find cuda driver
 will not be used." straight to file descriptor 2, with absl's notice that it logs before being set up,
 as JAX is imported and again as its backends start. They say nothing a user can act on and they break a
 script's one-line errors, so JAX's import, the Accelerator's first look at the devices and a script's
-whole run go through `without_cuda_probe_lines()`, which passes every other line on as it comes.
+whole run go through `without_cuda_probe_lines()`, which passes every other line on as it comes. XLA:GPU's
+warnings on a step over the device's memory go too: the planner's one-line verdict carries its numbers.
 """
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ import threading
 CUDA_PROBE_LINE = re.compile(rb"WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
                              rb"|I\d{4} [\d:.]+ +\d+ cudart_stub\.cc:\d+\] Could not find cuda drivers on your "
                              rb"machine, GPU will not be used\.")
+# XLA:GPU's words on a step over the device's memory, which the planner's verdict repeats in its own one line
+# ("needs N GiB per device as compiled for 8 × NVIDIA H100 ..."): its scheduler's and its rematerializer's
+XLA_MEMORY_LINE = re.compile(rb"[EW]\d{4} [\d:.]+ +\d+ (gpu_hlo_schedule\.cc:\d+\] The byte size of input/output "
+                             rb"arguments .* exceeds the base limit|hlo_rematerialization\.cc:\d+\] Can't reduce "
+                             rb"memory use below ).*")
 
 
 def cuda_plugin_installed() -> bool:
@@ -44,7 +50,7 @@ def without_cuda_probe_lines():
     def pass_on(out: int) -> None:
         with os.fdopen(read, "rb") as pipe:
             for line in pipe:
-                if not CUDA_PROBE_LINE.fullmatch(line.rstrip(b"\n")):
+                if not any(p.fullmatch(line.rstrip(b"\n")) for p in (CUDA_PROBE_LINE, XLA_MEMORY_LINE)):
                     os.write(out, line)
         os.close(out)
 

@@ -85,8 +85,8 @@ FAMILY_SCALES: dict[str, dict[str, float]] = {
             "base copy": 0.0, "tied table": 0.0},
     # 10 compiles for compile-only TPU v5p / v5e slices (--target tpu): 9 shares for 10 cases, so a first fit
     "tpu": {"activations none": 0.59, "activations matmuls": 0.778, "activations full": 1.74, "attention": 0.0,
-            "recompute": 0.0, "logits": 1.38, "gathered": 0.0, "gathered head": 0.0, "pipeline": 0.401, "lora dropout": 0.495,
-            "head": 0.0, "base copy": 0.0, "tied table": 0.0},
+            "recompute": 0.0, "logits": 1.38, "gathered": 0.0, "gathered head": 0.0, "pipeline": 0.401,
+            "lora dropout": 0.495, "head": 0.0, "base copy": 0.0, "tied table": 0.0},
 }
 
 
