@@ -46,9 +46,9 @@ def test_planner_splits_the_experts_where_nothing_else_fits():
 
 def test_memory_estimate_of_a_compiled_expert_parallel_step():
     acc = Accelerator(8, "cpu")
-    verified = plan(TINY_MOE, 8, 256, acc, data=1, fsdp=1, tensor=1, expert=8, micro_batches=1, remat="none",
+    verified = plan(TINY_MOE, 8, 64, acc, data=1, fsdp=1, tensor=1, expert=8, micro_batches=1, remat="none",
                     loss="whole")
     assert "EP 8" in verified.summary()
     estimated = verified.estimated_bytes_per_device["total"]
     assert verified.estimated_bytes_per_device["experts"] > 0
-    assert estimated == pytest.approx(verified.verified_bytes_per_device, rel=0.25)
+    assert estimated == pytest.approx(verified.verified_bytes_per_device, rel=0.15)  # measured +2%
