@@ -1,9 +1,9 @@
 """Mixture-of-Experts: Mixtral, Qwen3-MoE and OLMoE against transformers (logits, load-balancing loss, export);
-expert parallelism against one device (losses and gradients over 10 steps on four meshes); bad inputs."""
+expert parallelism against one device (losses and gradients over 10 steps on four meshes); the capacity factor.
+The user's side (finetune.py, bad inputs, LoRA, generation, benchmark) is in test_moe_train.py."""
 
 import dataclasses
 import functools
-import json
 
 import jax
 import jax.numpy as jnp
@@ -12,12 +12,9 @@ import pytest
 import torch
 import transformers
 from flax import nnx
-from safetensors.numpy import save_file
 from test_trainer import make_batches
 
-from moai_jax.errors import ModelConfigError, WeightsError
 from moai_jax.models import Decoder, ModelConfig, load_pretrained, param_count, save_pretrained
-from moai_jax.models.config import active_param_count
 from moai_jax.models.moe import router_losses
 from moai_jax.sharding.annotate import logical_sharding
 from moai_jax.sharding.mesh import MeshShape, make_mesh
