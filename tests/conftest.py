@@ -10,7 +10,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".cache" / "jax"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# LLVM's optimisations off: XLA:CPU compiles in about half the CPU-seconds (docs/testing.md), and what the tests
+# compare is unchanged (XLA's HLO passes still shard, fuse and assign buffers: the same bytes per device, measured).
+# Subprocesses inherit it, so their compiles are in the same cache; the device count is jax_num_cpu_devices below,
+# so a script's child process still sets its own.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
 import jax  # noqa: E402
 
@@ -57,25 +62,37 @@ def _cpu_seconds() -> float:
 
 
 if COSTS:
+    import collections
     import json
     import time
 
+    # this process's XLA compiles (JAX's monitoring events): requests to the persistent cache, its hits, and the
+    # seconds spent compiling or reading the cache; a subprocess's are in its CPU-seconds only
+    _compiles = collections.Counter()
+    jax.monitoring.register_event_listener(lambda event, **_: _compiles.update([event]))
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, seconds, **_: _compiles.update({event: seconds}))
+    _EVENTS = {"compiles": "/jax/compilation_cache/compile_requests_use_cache",
+               "cache_hits": "/jax/compilation_cache/cache_hits", "compile_s": "/jax/core/compile/backend_compile_duration"}
+
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_protocol(item, nextitem):
-        cpu, wall = _cpu_seconds(), time.monotonic()
+        cpu, wall, compiles = _cpu_seconds(), time.monotonic(), _compiles.copy()
         yield
         record = {"test": item.nodeid, "cpu_s": round(_cpu_seconds() - cpu, 2), "wall_s": round(time.monotonic() - wall, 2)}
+        record |= {name: round(_compiles[event] - compiles[event], 2) for name, event in _EVENTS.items()}
         with open(COSTS, "a") as out:  # one short line per write: both xdist workers append safely
             out.write(json.dumps(record) + "\n")
 
     def pytest_terminal_summary(terminalreporter, config):
         if hasattr(config, "workerinput") or not Path(COSTS).is_file():  # an xdist worker: the controller prints
             return
-        per_file: dict[str, list[float]] = {}
+        per_file: dict[str, collections.Counter] = {}
         for record in map(json.loads, Path(COSTS).read_text().splitlines()):
-            costs = per_file.setdefault(record["test"].split("::")[0], [0.0, 0.0, 0])
-            costs[0], costs[1], costs[2] = costs[0] + record["cpu_s"], costs[1] + record["wall_s"], costs[2] + 1
+            per_file.setdefault(record["test"].split("::")[0], collections.Counter()).update(
+                {k: v for k, v in record.items() if k != "test"} | {"tests": 1})
         terminalreporter.write_sep("=", f"CPU-seconds per file ({COSTS})")
-        for name, (cpu, wall, tests) in sorted(per_file.items(), key=lambda kv: -kv[1][0]):
-            terminalreporter.write_line(f"{cpu:8.1f} CPU-s {wall:8.1f} s wall {tests:4d} tests  {name}")
-        terminalreporter.write_line(f"{sum(c[0] for c in per_file.values()):8.1f} CPU-s in all")
+        for name, c in sorted(per_file.items(), key=lambda kv: -kv[1]["cpu_s"]):
+            terminalreporter.write_line(f"{c['cpu_s']:8.1f} CPU-s {c['wall_s']:8.1f} s wall {c['tests']:4d} tests "
+                                        f"{c['compiles']:5.0f} compiles {c['cache_hits']:5.0f} cache hits  {name}")
+        terminalreporter.write_line(f"{sum(c['cpu_s'] for c in per_file.values()):8.1f} CPU-s in all")

@@ -22,9 +22,7 @@ def load_script():
 
 
 def run_script(*argv: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the child sets its own device count
-    return subprocess.run([sys.executable, str(SCRIPT), *argv], capture_output=True, text=True, env=env,
-                          timeout=300)
+    return subprocess.run([sys.executable, str(SCRIPT), *argv], capture_output=True, text=True, timeout=300)
 
 
 def test_bf16_training_ends_within_two_percent_of_float32():

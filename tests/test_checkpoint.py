@@ -30,7 +30,7 @@ FINETUNE = ROOT / "scripts" / "finetune.py"
 RUN = ["--batch-size", "8", "--block-size", "32", "--max-steps", "10"]
 # the runs inherit the suite's persistent compilation cache (tests/conftest.py): a restarted run skips
 # recompiling its step, and a step another test compiled is not compiled again
-ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
 
 
 def finetune(*args, user: list[str] = (), **kwargs) -> subprocess.CompletedProcess:

@@ -27,7 +27,7 @@ FINETUNE = ROOT / "scripts" / "finetune.py"
 RUN = ["--batch-size", "8", "--block-size", "32", "--max-steps", "10", "--save-steps", "5"]
 # the processes inherit the suite's persistent compilation cache (tests/conftest.py): a resumed job skips
 # recompiling its step
-ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "MOAI_INIT_TIMEOUT": "60"}
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "MOAI_INIT_TIMEOUT": "60"}
 # Processes split the outermost axes: on 2×2×2 the data axis spans them (fsdp and tensor stay inside each), on
 # fsdp=8 the fsdp axis does; data=8 would add no other code path than 2×2×2's data axis.
 MESHES = ("data=2,fsdp=2,tensor=2", "fsdp=8")

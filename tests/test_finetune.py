@@ -17,7 +17,6 @@ STEP_LINE = re.compile(r"^\[Step (\d+)/(\d+)\] \| Loss: (\S+) \| Duration: \d+\.
 
 def run_script(*args, cwd=ROOT):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)  # the script simulates its flavor's devices itself
     return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, cwd=cwd,
                           timeout=600)
 
