@@ -68,17 +68,19 @@ def why_chosen(s, fits, over, fixed) -> str:
     if c.loss == "chunked":
         reasons.append("loss computed in chunks so whole float32 logits never exist")
     if c.mesh.context > 1:
-        reasons.append(context_verdict(s, fits))
+        reasons.append(context_verdict(s, fits, fixed))
     if any(f.candidate.mesh.expert > 1 for f in (s, *fits, *over)):  # a MoE model: why this expert degree
         reasons.append(expert_verdict(s, fits))
     reasons.append(pipeline_verdict(s, fits, over))
     return (f"fastest of {len(fits)} candidates that fit (of {len(fits) + len(over)}): " + "; ".join(reasons))
 
 
-def context_verdict(s, fits) -> str:
-    """Why the chosen plan splits each sequence over context: nothing without fits, or it is faster."""
+def context_verdict(s, fits, fixed) -> str:
+    """Why the chosen plan splits each sequence over context: fixed, nothing without fits, or it is faster."""
     c = s.candidate
     whole = [f for f in fits if f.candidate.mesh.context == 1]
+    if fixed.context is not None:
+        return f"context={c.mesh.context} (fixed) splits each sequence over {c.mesh.context} devices"
     if not whole:
         return (f"context={c.mesh.context} splits each sequence over {c.mesh.context} devices: no plan that keeps "
                 f"a sequence on one device fits")
