@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import functools
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -177,6 +178,16 @@ def describe_backend(device: jax.Device, count: int, attention: str | None = Non
     return f"{count} × {device.device_kind}" + (f" ({', '.join(notes)})" if notes else "")
 
 
+@contextlib.contextmanager
+def without_persistent_cache():
+    """Compile-only devices have no client to load a cached executable from: skip the persistent cache. JAX
+    decides once per process whether the cache is used, so once a CPU compile has used it, JAX still looks up
+    a compile-only step's entry and warns that it cannot load it: that warning says nothing here."""
+    with jax_config.enable_compilation_cache(False), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Error reading persistent compilation cache entry")
+        yield
+
+
 def compile_step(plan: Plan, model: nnx.Module, devices: Sequence[jax.Device],
                  optimizer: optax.GradientTransformation | None = None, batch_keys: Sequence[str] = BATCH_KEYS, *,
                  batch: dict[str, jax.ShapeDtypeStruct] | None = None, loss_fn: LossFn | None = None, rules=None):
@@ -192,8 +203,7 @@ def compile_step(plan: Plan, model: nnx.Module, devices: Sequence[jax.Device],
              for k, v in (batch or batch_spec(plan, batch_keys)).items()}
     lowered = parts.step.lower(parts.abstract_state, specs, parts.abstract_rest)
     device = mesh.devices.flat[0]
-    # compile-only devices have no client to load a cached executable from: skip the persistent cache
-    with contextlib.nullcontext() if device in jax.devices() else jax_config.enable_compilation_cache(False):
+    with contextlib.nullcontext() if device in jax.devices() else without_persistent_cache():
         compiled = lowered.compile()
     backend = describe_backend(device, plan.mesh.size, getattr(model, "attention", None)
                                if getattr(model, "config", None) is not None else None)

@@ -75,6 +75,28 @@ def rank(config: ModelConfig, batch_size: int, seq_len: int, flavor: int, hardwa
     return fits, over
 
 
+def next_to_compile(fits: list[Scored], over: list[Scored], budget: int, target_compiler: bool, verify: bool,
+                    overshoot: list[float]):
+    """The candidates to compile, one at a time, at most MAX_VERIFIES: each the fastest fitting one not yet
+    compiled whose estimate still fits once scaled by the worst overshoot (compiled / estimated bytes, which the
+    caller appends to after each compile over the budget), so a rejected compile moves the search to plans that
+    leave the room it showed was missing. Where no estimate fits, a GPU or TPU compiler judges the smallest."""
+    if not verify:
+        yield from fits[:1]
+        return
+    if not fits:
+        yield from over[:1] if target_compiler else []
+        return
+    tried: set[int] = set()
+    while len(tried) < MAX_VERIFIES:
+        scale = max([1.0, *overshoot])
+        s = next((s for s in fits if id(s) not in tried and s.memory["total"] * scale <= budget), None)
+        if s is None:
+            return
+        tried.add(id(s))
+        yield s
+
+
 def smallest_flavor(config, batch_size, seq_len, hardware, memory_fraction, fixed: Fixed, start: int,
                     compute_dtype: str = "bfloat16", lora: LoraConfig | None = None, family: str = "cpu") -> int | None:
     """The smallest flavor above `start` where some candidate's estimate fits (mesh axes left automatic)."""
@@ -160,7 +182,8 @@ def plan(model_config: ModelConfig, batch_size: int, seq_len: int, accelerator: 
     # On a GPU or TPU target (attached or compile-only) the compiler has the last word: where no estimate
     # fits, the smallest is compiled too, and chosen if the target's compiler fits it in the budget.
     target_compiler = getattr(accelerator, "family", "cpu") != "cpu"
-    for s in (fits[:MAX_VERIFIES] or (over[:1] if target_compiler else [])) if verify else fits[:1]:
+    overshoot: list[float] = []  # compiled / estimated bytes of each candidate compiled over the budget
+    for s in next_to_compile(fits, over, budget, target_compiler, verify, overshoot):
         why = (why_chosen(s, fits, over, fixed) if fits else
                f"the memory model estimated {format_bytes(s.memory['total'])}, over the {format_bytes(budget)} "
                f"budget, for the smallest of {len(over)} candidates; its compile is the verdict")
@@ -180,6 +203,7 @@ def plan(model_config: ModelConfig, batch_size: int, seq_len: int, accelerator: 
             return dataclasses.replace(chosen, verified_bytes_per_device=result.bytes_per_device,
                                        verified_on=result.backend, planning_seconds=timing)
         compiled.append(result)
+        overshoot.append(result.bytes_per_device / s.memory["total"])
         rejected.append((s, f"compiled to {format_bytes(result.bytes_per_device)} on {result.backend}, over the "
                             f"{format_bytes(budget)} budget" + (f" ({result.error})" if result.error else "")))
 
