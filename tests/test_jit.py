@@ -248,7 +248,7 @@ def test_each_process_passes_its_rows(monkeypatch):
 def test_two_processes_each_passing_its_rows_match_one_device(tutorial):
     """One short job of 2 processes × 4 devices (the launcher, gloo on this CPU): the same losses."""
     (one, *_), _ = tutorial
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "MOAI_INIT_TIMEOUT": "60"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "MOAI_INIT_TIMEOUT": "60"}
     run = subprocess.run([sys.executable, "-m", "moai_jax.launch", "--processes", "2", "--",
                           str(Path(__file__).parent / "jit_processes.py")], env=env, capture_output=True, text=True,
                          timeout=300)
