@@ -39,11 +39,15 @@ def _slower_because(alt, chosen) -> str:
 def alternatives(chosen, fits, over, budget: int, rejected) -> list[dict[str, Any]]:
     """The top alternatives after `chosen`, each with why it lost."""
     out = [{**_compact(s), "why_not": reason} for s, reason in rejected]
+    ceiling = min((r.memory["total"] for r, _ in rejected), default=None)  # see search.next_to_compile
     for s in fits:
         if len(out) >= TOP_ALTERNATIVES:
             break
         if s is not chosen and all(s is not r for r, _ in rejected):
-            out.append({**_compact(s), "why_not": _slower_because(s, chosen)})
+            skipped = (ceiling is not None and s.memory["total"] >= ceiling
+                       and s.seconds["total"] < chosen.seconds["total"])
+            out.append({**_compact(s), "why_not": "not compiled: estimated at no less than a plan that compiled over "
+                                                  "the budget" if skipped else _slower_because(s, chosen)})
     faster_over = [s for s in over if s.seconds["total"] < chosen.seconds["total"]]
     faster_over.sort(key=lambda s: s.seconds["total"])
     for s in faster_over[:2]:

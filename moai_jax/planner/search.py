@@ -76,11 +76,11 @@ def rank(config: ModelConfig, batch_size: int, seq_len: int, flavor: int, hardwa
 
 
 def next_to_compile(fits: list[Scored], over: list[Scored], budget: int, target_compiler: bool, verify: bool,
-                    overshoot: list[float]):
-    """The candidates to compile, one at a time, at most MAX_VERIFIES: each the fastest fitting one not yet
-    compiled whose estimate still fits once scaled by the worst overshoot (compiled / estimated bytes, which the
-    caller appends to after each compile over the budget), so a rejected compile moves the search to plans that
-    leave the room it showed was missing. Where no estimate fits, a GPU or TPU compiler judges the smallest."""
+                    rejected: list[tuple[Scored, str]]):
+    """The candidates to compile, one at a time, at most MAX_VERIFIES: the fastest fitting ones, less those
+    estimated at no less than one that compiled over the budget (the caller appends those to `rejected`, with
+    why): a plan the estimate puts above one that did not fit is not worth a compile. Where no estimate fits,
+    a GPU or TPU compiler judges the smallest."""
     if not verify:
         yield from fits[:1]
         return
@@ -89,8 +89,8 @@ def next_to_compile(fits: list[Scored], over: list[Scored], budget: int, target_
         return
     tried: set[int] = set()
     while len(tried) < MAX_VERIFIES:
-        scale = max([1.0, *overshoot])
-        s = next((s for s in fits if id(s) not in tried and s.memory["total"] * scale <= budget), None)
+        ceiling = min((r.memory["total"] for r, _ in rejected), default=budget + 1)
+        s = next((s for s in fits if id(s) not in tried and s.memory["total"] < ceiling), None)
         if s is None:
             return
         tried.add(id(s))
@@ -182,8 +182,7 @@ def plan(model_config: ModelConfig, batch_size: int, seq_len: int, accelerator: 
     # On a GPU or TPU target (attached or compile-only) the compiler has the last word: where no estimate
     # fits, the smallest is compiled too, and chosen if the target's compiler fits it in the budget.
     target_compiler = getattr(accelerator, "family", "cpu") != "cpu"
-    overshoot: list[float] = []  # compiled / estimated bytes of each candidate compiled over the budget
-    for s in next_to_compile(fits, over, budget, target_compiler, verify, overshoot):
+    for s in next_to_compile(fits, over, budget, target_compiler, verify, rejected):
         why = (why_chosen(s, fits, over, fixed) if fits else
                f"the memory model estimated {format_bytes(s.memory['total'])}, over the {format_bytes(budget)} "
                f"budget, for the smallest of {len(over)} candidates; its compile is the verdict")
@@ -203,7 +202,6 @@ def plan(model_config: ModelConfig, batch_size: int, seq_len: int, accelerator: 
             return dataclasses.replace(chosen, verified_bytes_per_device=result.bytes_per_device,
                                        verified_on=result.backend, planning_seconds=timing)
         compiled.append(result)
-        overshoot.append(result.bytes_per_device / s.memory["total"])
         rejected.append((s, f"compiled to {format_bytes(result.bytes_per_device)} on {result.backend}, over the "
                             f"{format_bytes(budget)} budget" + (f" ({result.error})" if result.error else "")))
 
