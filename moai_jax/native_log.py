@@ -18,8 +18,8 @@ import re
 import sys
 import threading
 
-CUDA_PROBE_LINE = re.compile(rb"WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
-                             rb"|I\d{4} [\d:.]+ +\d+ cudart_stub\.cc:\d+\] Could not find cuda drivers on your "
+CUDA_PROBE_LINE = re.compile(rb"WARNING: All log messages before absl::InitializeLog\(\) is called are written to "
+                             rb"STDERR|I\d{4} [\d:.]+ +\d+ cudart_stub\.cc:\d+\] Could not find cuda drivers on your "
                              rb"machine, GPU will not be used\.")
 # XLA:GPU's words on a step over the device's memory, which the planner's verdict repeats in its own one line
 # ("needs N GiB per device as compiled for 8 × NVIDIA H100 ..."): its scheduler's and its rematerializer's
