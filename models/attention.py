@@ -56,12 +56,12 @@ def resolve(implementation: str, dtype, head_dim: int, device=None) -> str:
 
 def cudnn_fits(config, tensor: int = 1, stage: int = 1, context: int = 1) -> bool:
     """Whether cuDNN's fused attention can take a model `config` split `tensor` ways in `stage` pipeline
-    stages over `context` sequence shards (beyond what `resolve` asks of the device and dtype): its
-    queries, keys and values split alike (a tensor axis that divides the key/value heads), no soft-capped
-    scores, no pipeline (JAX 0.10's cuDNN attention cannot be vmapped over stages with a segment mask),
-    the sequence whole, head_dim a multiple of 8 up to 128."""
+    stages over `context` sequence shards (beyond what `resolve` asks of the device, dtype and head_dim):
+    its queries, keys and values split alike (a tensor axis that divides the key/value heads), no
+    soft-capped scores, no pipeline (JAX 0.10's cuDNN attention cannot be vmapped over stages with a
+    segment mask), the sequence whole."""
     return (config.num_kv_heads % tensor == 0 and config.attn_logit_softcapping is None and stage == 1
-            and context == 1 and config.head_dim % 8 == 0 and config.head_dim <= 128)
+            and context == 1)
 
 
 @dataclasses.dataclass(frozen=True)

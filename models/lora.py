@@ -143,11 +143,15 @@ def adapter_shapes(config: ModelConfig, lora: LoraConfig) -> dict[str, tuple[tup
     return shapes
 
 
-def adapter_param_count(config: ModelConfig, lora: LoraConfig, active: bool = False) -> int:
-    """The adapters' parameters; `active`: those one token uses (of the experts' adapters, its k experts')."""
+def adapter_param_count(config: ModelConfig, lora: LoraConfig, active: bool = False,
+                        experts_only: bool = False) -> int:
+    """The adapters' parameters; `active`: those one token uses (of the experts' adapters, its k experts');
+    `experts_only`: only the experts' adapters."""
     used = config.num_experts_per_tok / config.num_experts if active and config.num_experts else 1
-    return round(sum(math.prod(shape) * (used if on_experts(config, name.split(".")[0]) else 1)
-                     for name, (shape, _) in adapter_shapes(config, lora).items()))
+    counted = ((shape, on_experts(config, name.split(".")[0]))
+               for name, (shape, _) in adapter_shapes(config, lora).items())
+    return round(sum(math.prod(shape) * (used if experts else 1) for shape, experts in counted
+                     if experts or not experts_only))
 
 
 def flops_per_token(config: ModelConfig, seq_len: int, lora: LoraConfig) -> float:

@@ -41,7 +41,6 @@ import functools
 import math
 
 from moai_jax.models import ModelConfig
-from moai_jax.models.attention import cudnn_fits
 from moai_jax.models.lora import LoraConfig, adapter_shapes, weight_axes
 from moai_jax.planner.experts import experts_bytes, layer_expert_elements, moe_param_shapes
 from moai_jax.sharding.mesh import MeshShape
@@ -190,8 +189,8 @@ def estimate_bytes(config: ModelConfig, batch_size: int, seq_len: int, mesh: Mes
                    remat: str = "none", loss: str = "whole", param_bytes: int = 4, activation_bytes: int = 4,
                    lora: LoraConfig | None = None, base_bytes: int = 2, family: str = "cpu") -> dict[str, int]:
     """Estimated bytes per device of the train step, by term, with "total", as the `family`'s compiler
-    ("gpu", "tpu", "cpu") allocates them. `base_bytes`: the compute dtype's size (16-bit on a GPU runs
-    cuDNN attention where it fits); with `lora`, only the adapters train on a base stored in it (`lora_terms`)."""
+    ("gpu", "tpu", "cpu") allocates them. With `lora`, only the adapters train and the base is stored
+    in `base_bytes` per element (see `lora_terms`)."""
     p = sharded_param_elements(config, mesh) * param_bytes
     tokens = batch_size // micro_batches // mesh.batch_shards * seq_len // mesh.context  # per device, one micro-batch
     layers = held_layers(config, mesh, micro_batches, remat)
@@ -234,8 +233,6 @@ def estimate_bytes(config: ModelConfig, batch_size: int, seq_len: int, mesh: Mes
         terms = lora_peak(terms | lora_terms(config, lora, mesh, tokens, micro_batches=micro_batches, remat=remat,
                                              base_bytes=base_bytes, activation_bytes=activation_bytes, batch=batch),
                           remat)
-    if family == "gpu" and base_bytes < 4 and cudnn_fits(config, mesh.tensor, mesh.stage, mesh.context):
-        terms["attention"] = 0  # cuDNN's fused attention keeps no score blocks
     batching = "micro-batches" if micro_batches > 1 and mesh.stage == 1 else "one batch"
     terms = {k: int(v) for k, v in family_scaled(terms, family, (remat, loss, batching)).items()}
     terms["total"] = sum(terms.values())

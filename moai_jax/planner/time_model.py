@@ -87,7 +87,7 @@ def estimate_seconds(config: ModelConfig, batch_size: int, seq_len: int, mesh: M
     params, experts = param_count(config), expert_param_count(config)
     s, t, d, x = mesh.stage, mesh.tensor, mesh.data, mesh.expert
     f = mesh.fsdp * mesh.context * x  # weights shard over context and (outside the experts) expert too
-    trained_experts = experts if lora is None else 0  # LoRA's adapters are on attention (models/lora.py)
+    trained_experts = experts if lora is None else adapter_param_count(config, lora, experts_only=True)
     grad_bytes = 4 * trained / (f * t * s)  # the experts' weights too: experts over expert, embed over the rest
     data = 2 * (d - 1) / d * grad_bytes / _bandwidth(hardware, t * f * d) if d > 1 else 0.0
     fsdp = 0.0
