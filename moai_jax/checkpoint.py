@@ -38,7 +38,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from moai_jax.checkpoint_faults import (Damaged, disk_full, ignore_closed_event_loop, join_new_threads, same_shapes,
+from moai_jax.checkpoint_faults import (Damaged, disk_full, join_new_threads, quiet_failed_writes, same_shapes,
                                        short)
 from moai_jax.errors import CheckpointError
 from moai_jax.models import lora as lora_lib
@@ -103,7 +103,7 @@ class Checkpoints:
         self._in_flight: int | None = None  # the step being written in the background
         self._failed = False
         self._threads_before_save: set[threading.Thread] = set()
-        ignore_closed_event_loop()
+        quiet_failed_writes()
         if keep is not None and keep < 1:
             raise CheckpointError(f"--keep must be at least 1, not {keep}")
         if writable:

@@ -4,6 +4,7 @@ safetensors report it), a damaged checkpoint, and the noise a failed save or rea
 from __future__ import annotations
 
 import errno
+import logging
 import sys
 import threading
 import time
@@ -31,9 +32,11 @@ class Damaged(Exception):
     """A checkpoint whose metadata or arrays cannot be read; the message says which."""
 
 
-def ignore_closed_event_loop() -> None:
-    """When a read or write of a checkpoint fails, TensorStore's other pending callbacks find Orbax's event
-    loop closed and Python prints each as an ignored RuntimeError; the failure itself is raised, so drop them."""
+def quiet_failed_writes() -> None:
+    """When a read or write of a checkpoint fails, Orbax raises the failure, and what its other pending writes
+    leave behind is noise: TensorStore's callbacks find Orbax's event loop closed (Python prints each as an
+    ignored RuntimeError), and on a full disk asyncio logs each failed write at shutdown as 'never retrieved'.
+    Drop both."""
     previous = sys.unraisablehook
     if getattr(previous, "moai_jax", False):
         return
@@ -44,6 +47,9 @@ def ignore_closed_event_loop() -> None:
 
     hook.moai_jax = True
     sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(
+        lambda record: not (record.getMessage().split("\n")[0].endswith("exception was never retrieved")
+                            and record.exc_info is not None and disk_full(record.exc_info[1])))
 
 
 def join_new_threads(before: set[threading.Thread], seconds: float = 10.0) -> None:
