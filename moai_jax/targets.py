@@ -27,6 +27,10 @@ from importlib import resources
 import jax
 
 FAMILIES = ("gpu", "tpu", "cpu")  # compilers whose memory reports the memory model is fitted to
+# XLA flags for compiling for GPUs that are not attached: XLA picks CUB's radix sort for large sorts (a MoE
+# layer's argsort of 4096 tokens a device and more), a kernel it cannot build without the CUDA runtime
+# ("Error loading CUDA libraries"); its own sort kernel compiles anywhere. A real GPU keeps CUB.
+COMPILE_ONLY_GPU_FLAGS = {"xla_gpu_enable_cub_radix_sort": "false"}
 
 
 class TargetUnavailable(Exception):
@@ -94,6 +98,11 @@ def accelerator_attached() -> bool:
     """Whether this machine shows an NVIDIA GPU or a TPU to its processes (device nodes), without starting JAX."""
     nodes = ("/dev/nvidia[0-9]*", "/dev/dxg", "/dev/kfd", "/dev/accel[0-9]*", "/dev/vfio/[0-9]*")  # dxg: WSL
     return any(glob.glob(pattern) for pattern in nodes)
+
+
+def compile_only_flags() -> dict[str, str]:
+    """The XLA flags that compiling for absent GPUs needs (none when a GPU or TPU is attached)."""
+    return {} if accelerator_attached() else COMPILE_ONLY_GPU_FLAGS
 
 
 def prefer_cpu_backend() -> None:

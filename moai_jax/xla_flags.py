@@ -12,6 +12,7 @@ not know; so these are few, long-standing ones, each checked against the install
   the scanned loop body so they pipeline across iterations (MaxText's GPU configurations).
 - `xla_gpu_enable_triton_gemm=false`: large training matmuls go to cuBLAS (what PyTorch uses too),
   and compilation skips autotuning Triton GEMM candidates (JAX-Toolbox, MaxText).
+- with no GPU attached, what compiling for compile-only GPUs needs (`targets.compile_only_flags`).
 
 The collective flags change nothing on one device. The user always wins: a flag already named in
 `XLA_FLAGS` is left as the user set it, and `MOAI_JAX_XLA_FLAGS=0` turns all of this off. They are
@@ -78,7 +79,9 @@ def apply(env: MutableMapping[str, str] = os.environ, *, force: bool = False) ->
     if not force and (not cuda_may_start(env) or _backends_started()):
         return []
     before = env.get("XLA_FLAGS", "")
-    after = merge(before, GPU_FLAGS)
+    from moai_jax.targets import compile_only_flags
+
+    after = merge(before, GPU_FLAGS | compile_only_flags())
     if after != before:
         env["XLA_FLAGS"] = after
     env.setdefault(MEMORY_FRACTION, GPU_MEMORY_FRACTION)
