@@ -9,7 +9,8 @@ import pytest
 from moai_jax import Accelerator, plan
 from moai_jax.models import ModelConfig, param_count
 from moai_jax.models.config import active_param_count
-from moai_jax.planner.memory import param_shapes
+from moai_jax.planner.memory import estimate_bytes, param_shapes
+from moai_jax.sharding.mesh import MeshShape
 from moai_jax.sizes import parse_bytes
 
 # Published totals and active parameters, in billions (model cards of the Hugging Face checkpoints)
@@ -52,3 +53,12 @@ def test_memory_estimate_of_a_compiled_expert_parallel_step():
     estimated = verified.estimated_bytes_per_device["total"]
     assert verified.estimated_bytes_per_device["experts"] > 0
     assert estimated == pytest.approx(verified.verified_bytes_per_device, rel=0.15)  # measured +2%
+
+
+def test_a_pipeline_on_gpus_holds_its_stacked_gradients_beside_their_sum():
+    """Compile-only H100s keep the backward scan's per-layer gradients and the micro-batches' sum (mixtral-8x7b,
+    stage=2 on 16: docs/moe.md); XLA:CPU's fit keeps one copy."""
+    mesh = MeshShape(stage=2, expert=4)
+    for family, copies in (("gpu", 2), ("cpu", 1)):
+        terms = estimate_bytes(TINY_MOE, 16, 64, mesh, micro_batches=4, remat="full", family=family)
+        assert terms["gradients"] == pytest.approx(copies * terms["parameters"], abs=1)

@@ -69,8 +69,8 @@ PIPELINE_COPIES = 6.29  # [batch, length, embed] buffers of a pipeline: stage in
 
 # Per compiler family, the share of each term's XLA:CPU size that its compiler allocates, fitted against
 # compiles for the target (memory_model_check.py --target): "term" for every step, "term mode" for steps
-# with that remat policy, loss mode or batching ("micro-batches", "one batch"), looked up in that order. A
-# term a family does not name keeps its CPU size. XLA:CPU's own copies (the LoRA base's 16-bit bit copy,
+# with that remat policy, loss mode or batching ("micro-batches", "pipeline", "one batch"), looked up in that
+# order. A term a family does not name keeps its CPU size. XLA:CPU's own copies (the LoRA base's 16-bit bit copy,
 # float32 upcasts of 16-bit slices) belong to the CPU family only.
 FAMILY_SCALES: dict[str, dict[str, float]] = {
     "cpu": {},
@@ -81,7 +81,11 @@ FAMILY_SCALES: dict[str, dict[str, float]] = {
             "recompute matmuls": 1.436, "recompute full": 0.377, "logits whole": 0.98, "logits chunked": 1.383,
             "gathered": 0.0, "gathered head whole": 0.734, "gathered head chunked": 0.831, "attention": 0.0,
             "pipeline": 1.136, "gradients micro-batches": 1.49, "lora dropout": 1.309, "head": 0.0,
-            "base copy": 0.0, "tied table": 0.0},
+            "base copy": 0.0, "tied table": 0.0,
+            # under a pipeline the backward scan's stacked gradients of the stage's layers are live beside their
+            # sum over micro-batches (2 compiles of mixtral-8x7b, stage=2 on 16 H100s: 3 + 3 expert-weight
+            # gradient buffers at the peak, docs/moe.md)
+            "gradients pipeline": 2.0},
     # 10 compiles for compile-only TPU v5p / v5e slices (--target tpu): 9 shares for 10 cases, so a first fit
     "tpu": {"activations none": 0.59, "activations matmuls": 0.778, "activations full": 1.74, "attention": 0.0,
             "recompute": 0.0, "logits": 1.38, "gathered": 0.0, "gathered head": 0.0, "pipeline": 0.401,
@@ -91,7 +95,8 @@ FAMILY_SCALES: dict[str, dict[str, float]] = {
 
 def family_scaled(terms: dict[str, float], family: str, modes: tuple[str, ...]) -> dict[str, float]:
     """`terms` as the `family`'s compiler allocates them (see FAMILY_SCALES); `modes`: the step's remat
-    policy, loss mode and batching ("micro-batches" or "one batch"), in the order their shares are looked for."""
+    policy, loss mode and batching ("micro-batches", "pipeline" or "one batch"), in the order their shares are looked
+    for."""
     scales = FAMILY_SCALES[family]
     return {k: v * next((scales[f"{k} {m}"] for m in modes if f"{k} {m}" in scales), scales.get(k, 1.0))
             for k, v in terms.items()}
@@ -233,7 +238,7 @@ def estimate_bytes(config: ModelConfig, batch_size: int, seq_len: int, mesh: Mes
         terms = lora_peak(terms | lora_terms(config, lora, mesh, tokens, micro_batches=micro_batches, remat=remat,
                                              base_bytes=base_bytes, activation_bytes=activation_bytes, batch=batch),
                           remat)
-    batching = "micro-batches" if micro_batches > 1 and mesh.stage == 1 else "one batch"
+    batching = "pipeline" if mesh.stage > 1 else "micro-batches" if micro_batches > 1 else "one batch"
     terms = {k: int(v) for k, v in family_scaled(terms, family, (remat, loss, batching)).items()}
     terms["total"] = sum(terms.values())
     return terms
