@@ -7,8 +7,13 @@ Without the compilers (`pip install -e '.[compile-cuda]'`, `pip install -e '.[co
 tests skip, saying what to install.
 """
 
+import ast
 import dataclasses
+import json
+import re
+import runpy
 import warnings
+from pathlib import Path
 
 import jax
 import pytest
@@ -17,9 +22,10 @@ import moai_jax as moai
 from moai_jax.accelerator import HARDWARE, Accelerator
 from moai_jax.models import ModelConfig
 from moai_jax.models.lora import LoraConfig
-from moai_jax.planner.memory import estimate_bytes
+from moai_jax.planner.memory import FAMILY_SCALES, estimate_bytes
 from moai_jax.planner.verify import abstract_model, verified_line
-from moai_jax.step import compile_step
+from moai_jax.sharding.mesh import MeshShape
+from moai_jax.step import Verified, compile_step
 from moai_jax.targets import TargetUnavailable, TpuTarget, compile_only_devices
 
 TINY = ModelConfig.preset("tiny")  # 2 layers, width 64, vocabulary 256, head_dim 16
@@ -82,6 +88,30 @@ def test_lora_on_a_soft_capped_family_for_h100():
     assert gpu["base copy"] == 0 < cpu["base copy"]  # XLA:CPU's bit copy of the frozen base is the CPU's alone
 
 
+def test_a_faster_plan_estimated_just_over_the_budget_is_compiled_first_and_kept_only_if_it_fits():
+    accelerator(8, "h100")  # skips without the GPU compiler
+    fixed = dict(data=1, fsdp=8, tensor=1, micro_batches=1, loss="whole")
+    none, matmuls = (estimate_bytes(TINY, 16, 64, MeshShape(fsdp=8), remat=r, family="gpu")["total"]
+                     for r in ("none", "matmuls"))
+    acc = Accelerator(8, "h100", device_memory=int(none / 1.05))  # remat none's estimate is 5% over the budget
+    assert matmuls < acc.hardware.memory_bytes < none
+    for none_fits in (True, False):
+        compiled = []
+
+        def verifier(candidate):  # stands in for the GPU compiler: remat none fits or it does not
+            compiled.append(candidate.remat)
+            over = candidate.remat == "none" and not none_fits
+            return Verified(acc.hardware.memory_bytes + (1 if over else -1), "fake H100", 0.0)
+
+        p = moai.plan(TINY, 16, 64, acc, memory_fraction=1.0, verifier=verifier, **fixed)
+        assert compiled[0] == "none"  # the fastest, estimated over the budget by less than the model errs high
+        if none_fits:
+            assert p.remat == "none" and compiled == ["none"] and "compiled first" in p.why
+        else:
+            assert p.remat != "none" and len(compiled) == 2
+            assert p.alternatives[0]["remat"] == "none" and "over the" in p.alternatives[0]["why_not"]
+
+
 def test_pipeline_plan_for_tpu_v5e_is_verified_by_the_tpu_compiler():
     acc = accelerator(8, "tpu-v5e")
     assert acc.family == "tpu"
@@ -111,3 +141,17 @@ def test_without_the_target_s_compiler_the_accelerator_says_why_it_simulates():
         warnings.simplefilter("error")
         assert Accelerator(8, "mi250").simulated  # no compiler for AMD here: simulated, as before, silently
     assert jax.devices()[0].platform == "cpu"
+
+
+def test_the_refit_recovers_the_shares_that_made_the_compiled_bytes(tmp_path, capsys):
+    """memory_model_check.py --fit on bytes the GPU family's own shares estimate: its fit reproduces them."""
+    script = runpy.run_path(str(Path(__file__).resolve().parent.parent / "scripts/memory_model_check.py"))
+    cases = script["TARGET_CASES"]["gpu"]
+    rows = [{"case": i, "compiled": estimate_bytes(**script["case"](cases, i, "gpu")[-1], family="gpu")["total"]}
+            for i in range(len(cases))]
+    (tmp_path / "gpu.json").write_text(json.dumps(rows))
+    assert script["fit"]("gpu", str(tmp_path / "gpu.json")) == 0
+    out = capsys.readouterr().out
+    fitted = ast.literal_eval(out.splitlines()[0].split(" = ", 1)[1])  # the line to paste: FAMILY_SCALES["gpu"] = {...}
+    assert fitted.keys() == FAMILY_SCALES["gpu"].keys()
+    assert float(re.search(r"worst error ([\d.]+)%", out).group(1)) <= 0.2

@@ -1,5 +1,7 @@
 """`plan()`: rank every candidate by estimated step time among those whose estimated memory fits, then
-verify the winner by compiling its real train step on abstract inputs; over budget → the next one.
+verify the winner by compiling its real train step on abstract inputs; over budget → the next one. On a
+GPU or TPU compiler, a faster candidate estimated over the budget by less than the memory model errs high
+is compiled first, and chosen if the compiler fits it.
 
 Deterministic and allocation-free. Knobs the user fixes are honored; the rest stay automatic.
 """
@@ -7,6 +9,7 @@ Deterministic and allocation-free. Knobs the user fixes are honored; the rest st
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 
@@ -21,7 +24,7 @@ from moai_jax.models.lora import LoraConfig
 from moai_jax.models.lora import flops_per_token as lora_flops
 from moai_jax.planner.candidates import Candidate, Fixed, batch_split_error, candidates, check_fixed
 from moai_jax.planner.explain import alternatives, why_chosen
-from moai_jax.planner.memory import estimate_bytes
+from moai_jax.planner.memory import OVER_TOLERANCE, estimate_bytes
 from moai_jax.planner.plan import Plan
 from moai_jax.planner.time_model import estimate_seconds
 from moai_jax.planner.verify import out_of_memory
@@ -42,8 +45,8 @@ class Scored:
     @property
     def simplicity(self) -> tuple:
         c = self.candidate
-        return (c.mesh.stage, c.mesh.context, c.mesh.tensor, c.micro_batches, REMAT_POLICIES.index(c.remat), c.loss != "whole",
-                c.mesh.fsdp)
+        return (c.mesh.stage, c.mesh.context, c.mesh.tensor, c.micro_batches, REMAT_POLICIES.index(c.remat),
+                c.loss != "whole", c.mesh.fsdp)
 
 
 def score(config: ModelConfig, batch_size: int, seq_len: int, hardware: Hardware, candidate: Candidate,
@@ -64,33 +67,47 @@ def rank(config: ModelConfig, batch_size: int, seq_len: int, flavor: int, hardwa
     """(fitting candidates fastest first, the rest smallest first)."""
     scored = [score(config, batch_size, seq_len, hardware, c, compute_dtype, lora, family)
               for c in candidates(flavor, config, batch_size, seq_len, hardware.devices_per_host, fixed)]
-    fits = [s for s in scored if s.memory["total"] <= budget]
+    fits = fastest_first([s for s in scored if s.memory["total"] <= budget])
     over = sorted((s for s in scored if s.memory["total"] > budget), key=lambda s: (s.memory["total"], s.candidate.key))
-    fits.sort(key=lambda s: (s.seconds["total"], s.candidate.key))
-    if fits:  # near-ties go to the simplest layout
-        best = fits[0].seconds["total"]
-        near = [s for s in fits if s.seconds["total"] <= best * (1 + SIMPLER_WITHIN)]
-        near.sort(key=lambda s: (s.simplicity, s.seconds["total"], s.candidate.key))
-        fits = near + [s for s in fits if s.seconds["total"] > best * (1 + SIMPLER_WITHIN)]
     return fits, over
+
+
+def fastest_first(scored: list[Scored]) -> list[Scored]:
+    """By estimated step time, fastest first; near-ties (within SIMPLER_WITHIN of the fastest) simplest first."""
+    scored = sorted(scored, key=lambda s: (s.seconds["total"], s.candidate.key))
+    near = [s for s in scored if s.seconds["total"] <= scored[0].seconds["total"] * (1 + SIMPLER_WITHIN)]
+    near.sort(key=lambda s: (s.simplicity, s.seconds["total"], s.candidate.key))
+    return near + scored[len(near):]
+
+
+def within_tolerance(fits: list[Scored], over: list[Scored], budget: int) -> Scored | None:
+    """The fastest candidate estimated over the budget by no more than the memory model errs high on a GPU or
+    TPU compiler (OVER_TOLERANCE) and faster than every candidate estimated to fit: it may well fit, and only
+    a compile can tell (None where there is none)."""
+    best = fits[0].seconds["total"]
+    near = [s for s in over if s.memory["total"] <= budget * (1 + OVER_TOLERANCE) and s.seconds["total"] < best]
+    return fastest_first(near)[0] if near else None
 
 
 def next_to_compile(fits: list[Scored], over: list[Scored], budget: int, target_compiler: bool, verify: bool,
                     rejected: list[tuple[Scored, str]]):
-    """The candidates to compile, one at a time, at most MAX_VERIFIES: the fastest fitting ones, less those
-    estimated at no less than one that compiled over the budget (the caller appends those to `rejected`, with
-    why): a plan the estimate puts above one that did not fit is not worth a compile. Where no estimate fits,
-    a GPU or TPU compiler judges the smallest."""
+    """The candidates to compile, one at a time, at most MAX_VERIFIES: on a GPU or TPU compiler first the one
+    `within_tolerance` of the budget, if any; then the fastest fitting ones, less those estimated at no less
+    than one that compiled over the budget (the caller appends those to `rejected`, with why): a plan the
+    estimate puts above one that did not fit is not worth a compile. Where no estimate fits, a GPU or TPU
+    compiler judges the smallest."""
     if not verify:
         yield from fits[:1]
         return
     if not fits:
         yield from over[:1] if target_compiler else []
         return
+    first = within_tolerance(fits, over, budget) if target_compiler else None
+    queue = ([first] if first else []) + fits
     tried: set[int] = set()
     while len(tried) < MAX_VERIFIES:
-        ceiling = min((r.memory["total"] for r, _ in rejected), default=budget + 1)
-        s = next((s for s in fits if id(s) not in tried and s.memory["total"] < ceiling), None)
+        ceiling = min((r.memory["total"] for r, _ in rejected), default=math.inf)
+        s = next((s for s in queue if id(s) not in tried and s.memory["total"] < ceiling), None)
         if s is None:
             return
         tried.add(id(s))
@@ -179,13 +196,21 @@ def plan(model_config: ModelConfig, batch_size: int, seq_len: int, accelerator: 
 
     rejected: list[tuple[Scored, str]] = []
     compiled: list[Verified] = []
-    # On a GPU or TPU target (attached or compile-only) the compiler has the last word: where no estimate
-    # fits, the smallest is compiled too, and chosen if the target's compiler fits it in the budget.
+    # On a GPU or TPU target (attached or compile-only) the compiler has the last word: a faster candidate
+    # estimated just over the budget is compiled first, and where no estimate fits the smallest is compiled
+    # too; either is chosen if the target's compiler fits it in the budget.
     target_compiler = getattr(accelerator, "family", "cpu") != "cpu"
     for s in next_to_compile(fits, over, budget, target_compiler, verify, rejected):
-        why = (why_chosen(s, fits, over, fixed) if fits else
-               f"the memory model estimated {format_bytes(s.memory['total'])}, over the {format_bytes(budget)} "
-               f"budget, for the smallest of {len(over)} candidates; its compile is the verdict")
+        if not fits:
+            why = (f"the memory model estimated {format_bytes(s.memory['total'])}, over the {format_bytes(budget)} "
+                   f"budget, for the smallest of {len(over)} candidates; its compile is the verdict")
+        elif s.memory["total"] > budget:  # within_tolerance's: chosen only if the compiler fits it
+            why = (f"estimated at {format_bytes(s.memory['total'])}, over the {format_bytes(budget)} budget by less "
+                   f"than the memory model errs high ({OVER_TOLERANCE:.0%}), and faster than every candidate "
+                   f"estimated to fit, so compiled first: the compiler fits it; "
+                   + why_chosen(s, [s, *fits], [o for o in over if o is not s], fixed))
+        else:
+            why = why_chosen(s, fits, over, fixed)
         chosen = base(s, why, alternatives(s, fits, over, budget, rejected))
         if not verify:
             return chosen
