@@ -11,10 +11,11 @@ Three ways to compute it, the same function (up to rounding) when nothing is dro
   lowered as a masked dense dot over all groups (k times more still), it is the faster one (measured in
   docs/moe.md), so "auto" picks it on CPU.
 - "sorted": the token-expert pairs sorted by expert and run as a grouped matmul (`jax.lax.ragged_dot`),
-  dropless; "auto" picks it on GPU and TPU.
+  dropless; "auto" picks it on GPU and TPU. Under data or fsdp it runs in a `jax.shard_map` over them, on each
+  device's own tokens (GSPMD cannot split ragged_dot's rows: it would gather them and run every token everywhere).
 - expert parallelism, whenever the active logical sharding splits `experts` over a mesh axis: inside a
-  `jax.shard_map` manual over that axis only (and a pipeline's stages; the rest stays with GSPMD), each device
-  routes its own tokens, sends each pair to the device holding its expert with one `all_to_all`, runs its experts on
+  `jax.shard_map` manual over the axes that split the batch (data, fsdp, expert) and a pipeline's stages (the rest
+  stays with GSPMD), each device routes its own tokens, sends each pair to the device holding its expert with one `all_to_all`, runs its experts on
   what it received (sorted, as above) and sends the results back with a second `all_to_all`. The
   buffers have static shapes: dropless, each destination has room for every pair a device could send it
   (tokens × min(k, experts per device)). GSPMD alone would all-gather the experts' weights instead.
@@ -102,13 +103,21 @@ class MoE(nnx.Module):
         router_DE = self.router[...].astype(jnp.float32)
         mesh, axis = active_mesh(), mesh_axis("experts", c.num_experts)
         shards = mesh.shape[axis] if isinstance(axis, str) else 1
-        if shards > 1 and b % shards == 0:
+        rows = mesh_axis("batch", b)  # the mesh axes that split the rows (data, fsdp, expert)
+        rows = () if rows is None else (rows,) if isinstance(rows, str) else tuple(rows)
+        if shards > 1 and axis not in rows and b % shards == 0:
+            rows = (axis,)  # rows the batch rule leaves whole over expert: the shard_map splits them
+        path = "sorted" if shards > 1 else resolve(implementation, c)
+        if rows and (axis in rows if shards > 1 else path == "sorted"):
+            # each device routes its own rows: the grouped matmul runs on them alone (GSPMD would gather the rows
+            # that data and fsdp split, as it cannot split ragged_dot's rows), the experts' weights gathered over
+            # fsdp like any layer's
             def local(x_BTD, mask_BT, router_DE, weights):
-                return _routed(x_BTD, mask_BT, router_DE, weights, c, "sorted", axis, shards)
+                return _routed(x_BTD, mask_BT, router_DE, weights, c, path, axis if shards > 1 else None, shards)
 
-            specs = (P(axis), P(axis), P(), P(axis))  # tokens, mask, router, the experts' weights (and adapters)
-            y_BTD, stats_B1X = jax.shard_map(local, mesh=mesh, axis_names=manual_axes(axis), in_specs=specs,
-                                             out_specs=(P(axis), P(axis)))(x_BTD, mask_BT, router_DE, weights)
+            specs = (P(rows), P(rows), P(), P(axis) if shards > 1 else P())  # tokens, mask, router, the experts
+            y_BTD, stats_B1X = jax.shard_map(local, mesh=mesh, axis_names=manual_axes(*rows), in_specs=specs,
+                                             out_specs=(P(rows), P(rows)))(x_BTD, mask_BT, router_DE, weights)
         else:
             y_BTD, stats_B1X = _routed(x_BTD, mask_BT, router_DE, weights, c, resolve(implementation, c), None, 1)
         return constrain(y_BTD, ("batch", "length", "embed")), stats_B1X

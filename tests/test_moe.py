@@ -94,11 +94,11 @@ BATCH, SEQ, STEPS = 8, 32, 10
 
 
 @functools.cache
-def sgd_run(mesh: str, micro_batches: int = 1):
+def sgd_run(mesh: str, micro_batches: int = 1, implementation: str = "auto"):
     """Per step: (loss, router loss, gradients) of the real MoE training loss, 10 SGD steps jitted over `mesh`
     (a pipeline if stage > 1, with `micro_batches`); and the compiled step's HLO and the final parameters."""
     shape = MeshShape.parse(mesh)
-    model = Decoder(CONFIG, rngs=nnx.Rngs(0), attention="xla")
+    model = Decoder(CONFIG, rngs=nnx.Rngs(0), attention="xla", moe_implementation=implementation)
     model.pipeline_stages, model.pipeline_micro_batches = shape.stage, micro_batches
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     device_mesh = make_mesh(shape, jax.devices()[: shape.size])
@@ -140,6 +140,19 @@ def test_expert_parallel_matches_one_device(mesh, micro_batches):
             weight = params["layers"]["mlp"][name]
             assert weight.addressable_shards[0].data.size * 8 == weight.size
             assert weight.addressable_shards[0].data.shape[1] == CONFIG.num_experts // 8
+
+
+def test_sorted_experts_under_data_and_fsdp_run_on_each_devices_own_rows():
+    """Without expert parallelism the grouped matmul runs in a shard_map over data and fsdp (models/moe.py): the
+    same losses and gradients as one device, and no device gathers the others' rows for it."""
+    reference, _, _ = sgd_run("data=1")
+    history, hlo, _ = sgd_run("data=2,fsdp=2", implementation="sorted")
+    for (loss, router, grads), (want_loss, want_router, want_grads) in zip(history, reference):
+        assert abs(loss - want_loss) < 1e-5 and abs(router - want_router) < 1e-5
+        for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+            np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    rows = BATCH * SEQ * CONFIG.num_experts_per_tok  # the token-expert pairs of the whole batch
+    assert f"[{rows},{CONFIG.hidden_size}]" not in hlo and f"[{rows // 4},{CONFIG.hidden_size}]" in hlo
 
 
 def test_capacity_factor_drops_and_counts_and_a_large_one_is_dropless():

