@@ -82,10 +82,11 @@ def fastest_first(scored: list[Scored]) -> list[Scored]:
 
 def within_tolerance(fits: list[Scored], over: list[Scored], budget: int) -> Scored | None:
     """The fastest candidate estimated over the budget by no more than the memory model errs high on a GPU or
-    TPU compiler (OVER_TOLERANCE) and faster than every candidate estimated to fit: it may well fit, and only
-    a compile can tell (None where there is none)."""
+    TPU compiler (OVER_TOLERANCE) and faster than every candidate estimated to fit by more than a near-tie
+    (SIMPLER_WITHIN): it may well fit, and only a compile can tell (None where there is none)."""
     best = fits[0].seconds["total"]
-    near = [s for s in over if s.memory["total"] <= budget * (1 + OVER_TOLERANCE) and s.seconds["total"] < best]
+    near = [s for s in over if s.memory["total"] <= budget * (1 + OVER_TOLERANCE)
+            and s.seconds["total"] * (1 + SIMPLER_WITHIN) < best]
     return fastest_first(near)[0] if near else None
 
 
@@ -206,8 +207,8 @@ def plan(model_config: ModelConfig, batch_size: int, seq_len: int, accelerator: 
                    f"budget, for the smallest of {len(over)} candidates; its compile is the verdict")
         elif s.memory["total"] > budget:  # within_tolerance's: chosen only if the compiler fits it
             why = (f"estimated at {format_bytes(s.memory['total'])}, over the {format_bytes(budget)} budget by less "
-                   f"than the memory model errs high ({OVER_TOLERANCE:.0%}), and faster than every candidate "
-                   f"estimated to fit, so compiled first: the compiler fits it; "
+                   f"than the memory model errs high ({OVER_TOLERANCE:.0%}), and more than {SIMPLER_WITHIN:.0%} faster "
+                   f"than every candidate estimated to fit, so compiled first: the compiler fits it; "
                    + why_chosen(s, [s, *fits], [o for o in over if o is not s], fixed))
         else:
             why = why_chosen(s, fits, over, fixed)
