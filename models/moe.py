@@ -15,10 +15,10 @@ Three ways to compute it, the same function (up to rounding) when nothing is dro
   device's own tokens (GSPMD cannot split ragged_dot's rows: it would gather them and run every token everywhere).
 - expert parallelism, whenever the active logical sharding splits `experts` over a mesh axis: inside a
   `jax.shard_map` manual over the axes that split the batch (data, fsdp, expert) and a pipeline's stages (the rest
-  stays with GSPMD), each device routes its own tokens, sends each pair to the device holding its expert with one `all_to_all`, runs its experts on
-  what it received (sorted, as above) and sends the results back with a second `all_to_all`. The
-  buffers have static shapes: dropless, each destination has room for every pair a device could send it
-  (tokens × min(k, experts per device)). GSPMD alone would all-gather the experts' weights instead.
+  stays with GSPMD), each device routes its own tokens, sends each pair to the device holding its expert with
+  one `all_to_all`, runs its experts on what it received (sorted, as above) and sends the results back with a
+  second `all_to_all`. The buffers have static shapes: dropless, each destination has room for every pair a
+  device could send it (tokens × min(k, experts per device)). GSPMD alone would all-gather the experts' weights.
 
 With `capacity_factor` an expert takes at most ceil(tokens · k / experts · factor) pairs of a device's
 tokens, in token order, and drops the rest (their share of the output is 0); the sorted path and

@@ -62,3 +62,33 @@ def test_a_pipeline_on_gpus_holds_its_stacked_gradients_beside_their_sum():
     for family, copies in (("gpu", 2), ("cpu", 1)):
         terms = estimate_bytes(TINY_MOE, 16, 64, mesh, micro_batches=4, remat="full", family=family)
         assert terms["gradients"] == pytest.approx(copies * terms["parameters"], abs=1)
+
+
+def test_gpu_grouped_matmul_copies_its_input_for_every_local_expert():
+    """XLA's GPU compiler runs ragged_dot as one dense dot over every group (the experts term's RAGGED_EXPANSION):
+    a grouped MLP's backward on compile-only H100s grows by the term's bytes per local expert."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import SingleDeviceSharding
+
+    from moai_jax.models.moe import _grouped_experts
+    from moai_jax.planner.experts import RAGGED_EXPANSION
+
+    acc = Accelerator(1, "h100")
+    if not acc.compile_only:
+        pytest.skip(f"no compile-only H100 here: {acc.fallback}")
+    rows, d, f = 2048, 512, 256
+    on = SingleDeviceSharding(acc.devices[0])
+
+    def temp_bytes(experts):
+        shaped = lambda shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype, sharding=on)  # noqa: E731
+        weights = (shaped((experts, d, f)), shaped((experts, d, f)), shaped((experts, f, d)))
+        args = (shaped((rows, d)), weights, shaped((rows,), jnp.int32))
+
+        def loss(x, weights, ids):
+            return jnp.sum(_grouped_experts(x, ids, tuple((w,) for w in weights), jax.nn.silu).astype(jnp.float32))
+        return jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+    expand_d, expand_f = RAGGED_EXPANSION["gpu"]
+    per_expert = rows * (expand_d * d + expand_f * f) * 2
+    assert (temp_bytes(9) - temp_bytes(1)) / 8 == pytest.approx(per_expert, rel=0.15)

@@ -36,6 +36,12 @@ SAVED = {"none": (6.0, 0.0), "matmuls": (0.0, 0.0), "full": (0.0, 0.0)}
 WORKING = (4.49, 13.5)
 # Share of the "experts" term's XLA:CPU size that a compiler family allocates (like memory.FAMILY_SCALES).
 FAMILY_SHARES = {"cpu": 1.0, "gpu": 0.62, "tpu": 1.0}  # gpu: 4 compiles for 8 compile-only H100s; tpu: not fitted
+# XLA's GPU compiler runs `ragged_dot` as one dense dot over every group: each projection's input is copied and
+# masked once per expert of the device. (D, F) elements in the compute dtype per routed row and local expert
+# beyond the first (whose copy WORKING holds), at a grouped MLP's backward: fitted on compile-only H100s, 8,192
+# rows, 1 / 4 / 16 experts, D, F = 1024, 256 and 512, 1024 (qwen3-30b-a3b, 128 experts on each of 16 H100s:
+# 146.2 GiB estimated, 147.1 GiB compiled; docs/moe.md). The TPU's ragged_dot has its own grouped kernel.
+RAGGED_EXPANSION = {"gpu": (2.27, 2.74)}
 
 
 def moe_param_shapes(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple]]:
@@ -78,8 +84,9 @@ def gathered_rows(mesh: MeshShape) -> int:
 
 
 def experts_bytes(config: ModelConfig, tokens: float, mesh: MeshShape, layers: float, remat: str,
-                  activation_bytes: int, family: str) -> float:
-    """The "experts" memory term: `layers` MoE layers' saved activations and one layer's working set."""
+                  activation_bytes: int, family: str, compute_bytes: int = 2) -> float:
+    """The "experts" memory term: `layers` MoE layers' saved activations and one layer's working set (with, on
+    a GPU, the grouped matmuls' inputs copied for every local expert)."""
     c = config
     if not c.num_experts:
         return 0.0
@@ -88,7 +95,12 @@ def experts_bytes(config: ModelConfig, tokens: float, mesh: MeshShape, layers: f
     saved_f, saved_d = SAVED[remat]
     work_f, work_d = WORKING
     per_row = layers * (saved_f * width + saved_d * c.hidden_size) + work_f * width + work_d * c.hidden_size
-    return FAMILY_SHARES[family] * rows * per_row * activation_bytes
+    expanded = 0.0
+    if family in RAGGED_EXPANSION and path(family, mesh) == "sorted":
+        local = c.num_experts // mesh.expert if c.num_experts % mesh.expert == 0 else c.num_experts
+        expand_d, expand_f = RAGGED_EXPANSION[family]
+        expanded = (local - 1) * rows * (expand_d * c.hidden_size + expand_f * width) * compute_bytes
+    return FAMILY_SHARES[family] * rows * per_row * activation_bytes + expanded
 
 
 def all_to_all_seconds(config: ModelConfig, rows: float, mesh: MeshShape, bandwidth: float, ticks: float,
@@ -132,11 +144,15 @@ def expert_verdict(s, fits) -> str:
             f"against {s.seconds.get(worst, 0):.3f} s)")
 
 
-def replicated_flops(config: ModelConfig, seq_len: int, mesh: MeshShape) -> float:
-    """Training FLOPs per token of the experts that each device computes again for the context devices around
-    it (the sorted path's gathered rows, `gathered_rows`; 0 without context parallelism)."""
+def replicated_flops(config: ModelConfig, seq_len: int, mesh: MeshShape, hardware_name: str = "tpu") -> float:
+    """Training FLOPs per token of the sorted path's experts beyond the routed pairs' own: computed again for the
+    context devices around each device (`gathered_rows`); and on a GPU, whose compiler runs `ragged_dot` as one
+    dense dot over every local expert and every row of the static buffers (RAGGED_EXPANSION), all of those."""
     c = config
     if not c.num_experts:
         return 0.0
-    return 6 * sum(c.sparse_layers) * c.num_experts_per_tok * 3 * c.hidden_size * c.expert_size * (
-        gathered_rows(mesh) - 1)
+    k, local = c.num_experts_per_tok, c.num_experts // mesh.expert if c.num_experts % mesh.expert == 0 else 1
+    rows = k * gathered_rows(mesh)  # rows run per token of the device
+    if not hardware_name.startswith("tpu"):
+        rows = routed_rows(c, seq_len, mesh, "gpu") / seq_len * local
+    return 6 * sum(c.sparse_layers) * 3 * c.hidden_size * c.expert_size * (rows - k)

@@ -247,7 +247,7 @@ def estimate_bytes(config: ModelConfig, batch_size: int, seq_len: int, mesh: Mes
         "temporaries": UPDATE_COPIES * p + batch + CODE_BYTES,
         "pipeline": pipeline_buffers(config, batch_size, seq_len, mesh, activation_bytes),
         "gathered kv": context_kv(config, rows, seq_len, mesh),
-        "experts": experts_bytes(config, tokens, mesh, layers, remat, activation_bytes, family),
+        "experts": experts_bytes(config, tokens, mesh, layers, remat, activation_bytes, family, base_bytes),
     }
     if lora is not None:
         terms = lora_peak(terms | lora_terms(config, lora, mesh, tokens, micro_batches=micro_batches, remat=remat,

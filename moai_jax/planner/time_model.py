@@ -75,8 +75,8 @@ def estimate_seconds(config: ModelConfig, batch_size: int, seq_len: int, mesh: M
         per_token, trained = flops_per_token(config, seq_len) * recompute, param_count(config)
     else:
         per_token, trained = lora_work(config, seq_len, lora, remat)
-    if hardware.name != "cpu":  # the sorted path's experts, computed again for the rows GSPMD gathers
-        per_token += replicated_flops(config, seq_len, mesh) * REMAT_FLOPS[remat]
+    if hardware.name != "cpu":  # the sorted path's experts beyond the routed pairs (gathered rows, GPU's dense dot)
+        per_token += replicated_flops(config, seq_len, mesh, hardware.name) * REMAT_FLOPS[remat]
     flops = per_token * tokens
     rows = tokens / micro_batches / mesh.batch_shards / mesh.context  # matmul rows per device per micro-batch
     efficiency = PEAK_EFFICIENCY * rows / (rows + HALF_EFFICIENCY_ROWS) * split_efficiency(config.hidden_size,
