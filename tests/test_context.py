@@ -33,7 +33,7 @@ from moai_jax.trainer import Trainer
 pytestmark = pytest.mark.xdist_group("context")
 
 CONFIG = ModelConfig.preset("tiny")  # 2 layers, width 64, 4 heads over 2 key/value heads (tensor=2 divides them)
-BATCH, SEQ, STEPS = 4, 128, 10  # 2 × 8 chunks of 8 tokens under context=8
+BATCH, SEQ, STEPS = 2, 1024, 10  # 2 × 8 chunks of 64 tokens under context=8
 MESHES = ("context=8", "context=4,fsdp=2", "context=2,data=2,tensor=2", "stage=2,context=4")
 
 
@@ -101,7 +101,7 @@ def test_balanced_layout_gives_every_device_the_same_work():
 
 
 def test_peak_memory_falls_with_the_context_degree():
-    """The same 4 × 128 batch on 1, 2 and 8 devices along context: XLA's peak bytes per device fall. The
+    """The same 2 × 1024 batch on 1, 2 and 8 devices along context: XLA's peak bytes per device fall. The
     one-device and context=8 steps are the trainers' own (compiled above); context=2 is one more compile."""
     one, eight = run("data=1")[0], run("context=8")[0]
     two = dataclasses.replace(eight.plan, flavor=2, mesh=MeshShape(context=2))
