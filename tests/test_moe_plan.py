@@ -73,6 +73,7 @@ def test_gpu_grouped_matmul_copies_its_input_for_every_local_expert():
 
     from moai_jax.models.moe import _grouped_experts
     from moai_jax.planner.experts import RAGGED_EXPANSION
+    from moai_jax.step import without_persistent_cache
 
     acc = Accelerator(1, "h100")
     if not acc.compile_only:
@@ -87,7 +88,9 @@ def test_gpu_grouped_matmul_copies_its_input_for_every_local_expert():
 
         def loss(x, weights, ids):
             return jnp.sum(_grouped_experts(x, ids, tuple((w,) for w in weights), jax.nn.silu).astype(jnp.float32))
-        return jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*args).compile().memory_analysis().temp_size_in_bytes
+        with without_persistent_cache():  # compile-only devices: nothing to load a cached executable into
+            compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*args).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
 
     expand_d, expand_f = RAGGED_EXPANSION["gpu"]
     per_expert = rows * (expand_d * d + expand_f * f) * 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from moai_jax.planner.experts import expert_verdict
@@ -36,16 +37,21 @@ def _slower_because(alt, chosen) -> str:
     return f"{ratio:.1%} slower: {cause}"
 
 
+def compile_ceiling(rejected) -> float:
+    """The smallest estimate of a candidate that compiled over the budget: a candidate estimated at no less is
+    not worth a compile (search.next_to_compile skips it); infinity while none has."""
+    return min((r.memory["total"] for r, _ in rejected), default=math.inf)
+
+
 def alternatives(chosen, fits, over, budget: int, rejected) -> list[dict[str, Any]]:
     """The top alternatives after `chosen`, each with why it lost."""
     out = [{**_compact(s), "why_not": reason} for s, reason in rejected]
-    ceiling = min((r.memory["total"] for r, _ in rejected), default=None)  # see search.next_to_compile
+    ceiling = compile_ceiling(rejected)
     for s in fits:
         if len(out) >= TOP_ALTERNATIVES:
             break
         if s is not chosen and all(s is not r for r, _ in rejected):
-            skipped = (ceiling is not None and s.memory["total"] >= ceiling
-                       and s.seconds["total"] < chosen.seconds["total"])
+            skipped = s.memory["total"] >= ceiling and s.seconds["total"] < chosen.seconds["total"]
             out.append({**_compact(s), "why_not": "not compiled: estimated at no less than a plan that compiled over "
                                                   "the budget" if skipped else _slower_because(s, chosen)})
     faster_over = [s for s in over if s.seconds["total"] < chosen.seconds["total"]]

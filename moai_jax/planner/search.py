@@ -9,7 +9,6 @@ Deterministic and allocation-free. Knobs the user fixes are honored; the rest st
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections.abc import Callable
 
@@ -23,7 +22,7 @@ from moai_jax.models.llama import REMAT_POLICIES
 from moai_jax.models.lora import LoraConfig
 from moai_jax.models.lora import flops_per_token as lora_flops
 from moai_jax.planner.candidates import Candidate, Fixed, batch_split_error, candidates, check_fixed
-from moai_jax.planner.explain import alternatives, why_chosen
+from moai_jax.planner.explain import alternatives, compile_ceiling, why_chosen
 from moai_jax.planner.memory import OVER_TOLERANCE, estimate_bytes
 from moai_jax.planner.plan import Plan
 from moai_jax.planner.time_model import estimate_seconds
@@ -107,7 +106,7 @@ def next_to_compile(fits: list[Scored], over: list[Scored], budget: int, target_
     queue = ([first] if first else []) + fits
     tried: set[int] = set()
     while len(tried) < MAX_VERIFIES:
-        ceiling = min((r.memory["total"] for r, _ in rejected), default=math.inf)
+        ceiling = compile_ceiling(rejected)
         s = next((s for s in queue if id(s) not in tried and s.memory["total"] < ceiling), None)
         if s is None:
             return
