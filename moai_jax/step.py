@@ -3,9 +3,9 @@
 It sits below both (the planner compiles what the Trainer will run; neither imports the other).
 `build_step` jits the train and eval steps with the plan's shardings and donated state;
 `compile_step` lowers and compiles the train step on abstract inputs, so nothing is allocated, and
-reads XLA's memory report. A model that carries no logical names gets its parameter shardings from
-the user's partition rules or from their shapes (`moai_jax.sharding.infer`), and trains with the loss
-`train.model_loss` picks for it.
+reads XLA's memory report and the compiled program's collectives. A model that carries no logical names
+gets its parameter shardings from the user's partition rules or from their shapes
+(`moai_jax.sharding.infer`), and trains with the loss `train.model_loss` picks for it.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from moai_jax.errors import FlavorError
 from moai_jax.models import attention as attention_lib
 from moai_jax.models import moe as moe_lib
+from moai_jax.planner.compiled_collectives import Collective, collectives
 from moai_jax.planner.plan import Plan
 from moai_jax.sharding.annotate import logical_sharding
 from moai_jax.sharding.mesh import make_mesh
@@ -49,6 +50,7 @@ class Verified:
     backend: str  # e.g. "cpu (8 simulated devices, blockwise attention)"
     seconds: float
     error: str | None = None  # the compiler's words when it refused the step (a TPU's RESOURCE_EXHAUSTED)
+    collectives: tuple[Collective, ...] | None = None  # what the compiled step sends (planner/compiled_collectives.py)
 
 
 def layout(plan: Plan) -> tuple:
@@ -207,6 +209,7 @@ def compile_step(plan: Plan, model: nnx.Module, devices: Sequence[jax.Device],
         compiled = lowered.compile()
     backend = describe_backend(device, plan.mesh.size, getattr(model, "attention", None)
                                if getattr(model, "config", None) is not None else None)
-    return parts, compiled, Verified(compiled_bytes(compiled), backend, time.perf_counter() - start)
+    return parts, compiled, Verified(compiled_bytes(compiled), backend, time.perf_counter() - start,
+                                     collectives=collectives(compiled.as_text(), plan.mesh))
 
 

@@ -151,6 +151,11 @@ def table(plan: Plan) -> str:
     lines += ["", f"  step {t.get('total', 0):.3f} s (compute {t.get('compute', 0):.3f}, data {t.get('data', 0):.3f}, "
                   f"fsdp {t.get('fsdp', 0):.3f}, tensor {t.get('tensor', 0):.3f}{piped}) | "
                   f"{plan.estimated_tokens_per_sec or 0:,.0f} tokens/s | MFU {(plan.estimated_mfu or 0):.1%}"]
+    if plan.compiled_step_seconds is not None:
+        c = plan.compiled_step_seconds
+        terms = [k for k in ("data", "fsdp", "tensor", "context", "expert", "stage") if c.get(k)]
+        lines += [f"  {plan.compiled_line()}",
+                  f"    its seconds: compute {c['compute']:.3f}" + "".join(f", {k} {c[k]:.3f}" for k in terms)]
     if plan.alternatives:
         lines += ["", "  alternatives"]
         meshes = [str(MeshShape(**a["mesh"])) for a in plan.alternatives]

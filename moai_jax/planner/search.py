@@ -22,6 +22,7 @@ from moai_jax.models.llama import REMAT_POLICIES
 from moai_jax.models.lora import LoraConfig
 from moai_jax.models.lora import flops_per_token as lora_flops
 from moai_jax.planner.candidates import Candidate, Fixed, batch_split_error, candidates, check_fixed
+from moai_jax.planner.compiled_collectives import bytes_by_term, seconds_by_term
 from moai_jax.planner.explain import alternatives, compile_ceiling, why_chosen
 from moai_jax.planner.memory import OVER_TOLERANCE, estimate_bytes
 from moai_jax.planner.plan import Plan
@@ -49,14 +50,16 @@ class Scored:
 
 
 def score(config: ModelConfig, batch_size: int, seq_len: int, hardware: Hardware, candidate: Candidate,
-          compute_dtype: str, lora: LoraConfig | None = None, family: str = "cpu") -> Scored:
-    """A candidate's estimated memory (as the `family`'s compiler allocates it) and step time."""
+          compute_dtype: str, lora: LoraConfig | None = None, family: str = "cpu",
+          collectives: dict[str, float] | None = None) -> Scored:
+    """A candidate's estimated memory (as the `family`'s compiler allocates it) and step time (with
+    `collectives`, the compiled step's communication seconds per term in place of the guessed ones)."""
     c = candidate
     compute_bytes = jnp.dtype(compute_dtype).itemsize
     memory = estimate_bytes(config, batch_size, seq_len, c.mesh, micro_batches=c.micro_batches, remat=c.remat,
                             loss=c.loss, lora=lora, base_bytes=compute_bytes, family=family)
     seconds = estimate_seconds(config, batch_size, seq_len, c.mesh, hardware, micro_batches=c.micro_batches,
-                               remat=c.remat, compute_bytes=compute_bytes, lora=lora)
+                               remat=c.remat, compute_bytes=compute_bytes, lora=lora, collectives=collectives)
     return Scored(c, memory, seconds)
 
 
@@ -224,8 +227,14 @@ def plan(model_config: ModelConfig, batch_size: int, seq_len: int, accelerator: 
         timing = {**chosen.planning_seconds, "verify": round(result.seconds, 3),
                   "total": round(time.perf_counter() - start, 3)}
         if result.bytes_per_device <= budget:
+            compiled = {}
+            if result.collectives is not None:  # the step as compiled: its collectives in place of the guessed ones
+                seconds = score(model_config, batch_size, seq_len, hardware, s.candidate, compute_dtype, lora, family,
+                                seconds_by_term(result.collectives, hardware)).seconds
+                compiled = {"compiled_step_seconds": {k: round(v, 6) for k, v in seconds.items()},
+                            "compiled_collective_bytes": bytes_by_term(result.collectives)}
             return dataclasses.replace(chosen, verified_bytes_per_device=result.bytes_per_device,
-                                       verified_on=result.backend, planning_seconds=timing)
+                                       verified_on=result.backend, planning_seconds=timing, **compiled)
         compiled.append(result)
         rejected.append((s, f"compiled to {format_bytes(result.bytes_per_device)} on {result.backend}, over the "
                             f"{format_bytes(budget)} budget" + (f" ({result.error})" if result.error else "")))

@@ -36,6 +36,8 @@ fsdp once per tick, its gradients all-reduced over data.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from moai_jax.accelerator import Hardware
 from moai_jax.models import ModelConfig, flops_per_token, param_count
 from moai_jax.models.lora import LoraConfig, adapter_param_count
@@ -55,19 +57,23 @@ STAGE_RECOMPUTE_FLOPS = 1 / 3  # under a pipeline, remat full also recomputes ea
 LORA_REMAT_FLOPS = {"none": 1.0, "matmuls": 1.05, "full": 3 / 2}
 
 
-def _bandwidth(hardware: Hardware, span: int) -> float:
+def link_bandwidth(hardware: Hardware, span: int) -> float:
+    """Bytes/s per device over the link a group of `span` consecutive devices needs: inside a host or across."""
     return hardware.intra_host_bandwidth if span <= hardware.devices_per_host else hardware.inter_host_bandwidth
 
 
 def estimate_seconds(config: ModelConfig, batch_size: int, seq_len: int, mesh: MeshShape, hardware: Hardware, *,
                      micro_batches: int = 1, remat: str = "none", compute_bytes: int = 2,
                      lora: LoraConfig | None = None, virtual_stages: int = 1,
-                     overlap_collectives: bool = False) -> dict[str, float]:
+                     overlap_collectives: bool = False, collectives: Mapping[str, float] | None = None
+                     ) -> dict[str, float]:
     """Estimated seconds of one step, split into compute, per-axis communication and total. With
     `lora`, no base weight gradient is computed, all-reduced or reduce-scattered (`lora_work`).
     Two schedules moai_jax's step does not have, for published runs: `virtual_stages` > 1, an
     interleaved pipeline; `overlap_collectives`, tensor-parallel collectives and stage transfers
-    overlapped with the matmuls like data and fsdp traffic (Megatron's userbuffers and overlap_p2p_comm)."""
+    overlapped with the matmuls like data and fsdp traffic (Megatron's userbuffers and overlap_p2p_comm).
+    `collectives`: seconds of communication per term (data, fsdp, tensor, context, expert, stage) read from
+    the compiled step (planner/compiled_collectives.py), in place of the guessed ones: the step "as compiled"."""
     devices = mesh.size
     tokens = batch_size * seq_len
     recompute = REMAT_FLOPS[remat] + (STAGE_RECOMPUTE_FLOPS if mesh.stage > 1 and remat == "full" else 0.0)
@@ -89,7 +95,7 @@ def estimate_seconds(config: ModelConfig, batch_size: int, seq_len: int, mesh: M
     f = mesh.fsdp * mesh.context * x  # weights shard over context and (outside the experts) expert too
     trained_experts = experts if lora is None else adapter_param_count(config, lora, experts_only=True)
     grad_bytes = 4 * trained / (f * t * s)  # the experts' weights too: experts over expert, embed over the rest
-    data = 2 * (d - 1) / d * grad_bytes / _bandwidth(hardware, t * f * d) if d > 1 else 0.0
+    data = 2 * (d - 1) / d * grad_bytes / link_bandwidth(hardware, t * f * d) if d > 1 else 0.0
     fsdp = 0.0
     if f > 1:  # the experts' weights are gathered over fsdp × context only: each device keeps its own experts
         fe = f // x
@@ -98,20 +104,24 @@ def estimate_seconds(config: ModelConfig, batch_size: int, seq_len: int, mesh: M
                           + trained_experts / x / t / s * (fe - 1) / fe)
         # gather forward and backward, reduce-scatter the float32 gradients of what trains
         per_micro = shard_volume * 2 * compute_bytes + trained_volume * 4
-        fsdp = ticks * per_micro / _bandwidth(hardware, t * f)
-    tensor = 0.0
-    if t > 1:  # one pass's all-reduces, each moving 2 (t − 1) / t of a [rows, hidden] activation
-        per_pass = ticks * 2 * config.num_layers / s * rows * config.hidden_size * compute_bytes * 2 * (t - 1) / t
-        forward = (2 if remat == "full" else 1) * per_pass / _bandwidth(hardware, t)
-        backward = per_pass / _bandwidth(hardware, t)
-        weight_grads = 0.0 if lora else BACKWARD_WEIGHT_SHARE * flops / recompute
-        hidden_under = weight_grads / (devices * hardware.peak_flops * efficiency)
-        tensor = forward + backward if overlap_collectives else forward + max(0.0, backward - hidden_under)
+        fsdp = ticks * per_micro / link_bandwidth(hardware, t * f)
+    forward_passes = 2 if remat == "full" else 1  # of the tensor-parallel all-reduces; backward has one
+    # one pass's all-reduces, each moving 2 (t − 1) / t of a [rows, hidden] activation
+    per_pass = ticks * 2 * config.num_layers / s * rows * config.hidden_size * compute_bytes * 2 * (t - 1) / t
+    tensor = (forward_passes + 1) * per_pass / link_bandwidth(hardware, t)
     context = context_seconds(config, seq_len, rows, mesh, hardware, ticks, remat, compute_bytes)
-    expert = all_to_all_seconds(config, rows, mesh, _bandwidth(hardware, x * mesh.context * t), ticks, remat,
+    expert = all_to_all_seconds(config, rows, mesh, link_bandwidth(hardware, x * mesh.context * t), ticks, remat,
                                 compute_bytes)
     bubble, stage = pipeline_seconds(config, seq_len, batch_size, mesh, hardware, micro_batches, compute,
                                      compute_bytes, virtual_stages)
+    if collectives is not None:
+        data, fsdp, tensor, context, expert, stage = (collectives.get(term, 0.0) for term in
+                                                      ("data", "fsdp", "tensor", "context", "expert", "stage"))
+    if not overlap_collectives:  # the backward all-reduces overlap the weight-gradient matmuls
+        weight_grads = 0.0 if lora else BACKWARD_WEIGHT_SHARE * flops / recompute
+        hidden_under = weight_grads / (devices * hardware.peak_flops * efficiency)
+        backward = tensor / (forward_passes + 1)
+        tensor = tensor - backward + max(0.0, backward - hidden_under)
     if overlap_collectives:
         total = compute + bubble + max(0.0, data + fsdp + tensor + stage - OVERLAP * compute) + context + expert
     else:
@@ -133,7 +143,7 @@ def context_seconds(config: ModelConfig, seq_len: int, rows: float, mesh: MeshSh
     sequences = rows * c / seq_len  # rows are this device's tokens: 1 / context of each sequence
     kv_bytes = sequences * seq_len * 2 * kv_heads * config.head_dim * compute_bytes * (c - 1) / c
     passes = 3 + (remat == "full")
-    return ticks * config.num_layers / mesh.stage * passes * kv_bytes / _bandwidth(hardware, c * mesh.tensor)
+    return ticks * config.num_layers / mesh.stage * passes * kv_bytes / link_bandwidth(hardware, c * mesh.tensor)
 
 
 def pipeline_ticks(mesh: MeshShape, micro_batches: int, virtual_stages: int = 1) -> float:
@@ -153,7 +163,7 @@ def pipeline_seconds(config: ModelConfig, seq_len: int, batch_size: int, mesh: M
     rows = batch_size / micro_batches / mesh.batch_shards
     per_tick = rows * seq_len * config.hidden_size * compute_bytes * 2  # forward and backward
     handed_to_head = 2 * batch_size / mesh.batch_shards * seq_len * config.hidden_size * compute_bytes
-    link = _bandwidth(hardware, mesh.size)  # stage is outermost: its neighbours are a whole sub-mesh apart
+    link = link_bandwidth(hardware, mesh.size)  # stage is outermost: its neighbours are a whole sub-mesh apart
     return bubble, (virtual_stages * pipeline_ticks(mesh, micro_batches, virtual_stages) * per_tick
                     + handed_to_head) / link
 
