@@ -41,6 +41,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from moai_jax.errors import ModelConfigError
+from moai_jax.models import grouped_matmul
 from moai_jax.models.config import ModelConfig
 from moai_jax.models.families import ACTIVATIONS
 from moai_jax.sharding.annotate import active_mesh, constrain, manual_axes, mesh_axis
@@ -205,8 +206,9 @@ def _dispatched(x_TD, weights_TK, experts_TK, weights, activation, c: ModelConfi
     if shards > 1:
         send_SRD = jax.lax.all_to_all(send_SRD, axis, 0, 0, tiled=True)
         send_expert_SR = jax.lax.all_to_all(send_expert_SR, axis, 0, 0, tiled=True)
-    y_SRD = _grouped_experts(send_SRD.reshape(-1, d), send_expert_SR.reshape(-1), weights, activation).reshape(
-        shards, room, d)
+    # the rows received: room for the worst case, t · k on average (every device sends t · k pairs)
+    y_SRD = _grouped_experts(send_SRD.reshape(-1, d), send_expert_SR.reshape(-1), weights, activation,
+                             t * k).reshape(shards, room, d)
     if shards > 1:
         y_SRD = jax.lax.all_to_all(y_SRD, axis, 0, 0, tiled=True)
     y_AD = jnp.where(keep_A[:, None], y_SRD[dest_A, jnp.minimum(slot_A, room - 1)], 0)
@@ -215,16 +217,30 @@ def _dispatched(x_TD, weights_TK, experts_TK, weights, activation, c: ModelConfi
     return y_TD, dropped_T
 
 
-def _grouped_experts(rows_RD, expert_R, weights, activation):
-    """Each row through its expert's MLP (expert id = number of experts: an empty row, output 0)."""
+def _grouped_experts(rows_RD, expert_R, weights, activation, expected_rows: int | None = None):
+    """Each row through its expert's MLP (expert id = number of experts: an empty row, output 0): on a TPU as
+    `ragged_dot`s (its grouped kernel), elsewhere in blocks of one expert's rows (models/grouped_matmul.py), but
+    for a pipeline's stages (a vmap over the stage axis around this shard_map), where jax 0.10 cannot
+    differentiate a scan's weights ("Expected cotangent type ... {V:expert} but got ... {V:(stage,expert)}")."""
     gate, up, down = weights
     experts = gate[0].shape[0]
     order_R = jnp.argsort(expert_R, stable=True)
     sizes_E = jnp.bincount(expert_R, length=experts + 1)[:experts].astype(jnp.int32)
     x_RD = rows_RD[order_R]
-    h_RF = activation(_grouped(x_RD, gate, sizes_E)) * _grouped(x_RD, up, sizes_E)
-    y_RD = _grouped(h_RF, down, sizes_E)
+    if _platform() == "tpu" or manual_axes():  # manual_axes(): the axes an enclosing vmap maps over
+        h_RF = activation(_grouped(x_RD, gate, sizes_E)) * _grouped(x_RD, up, sizes_E)
+        y_RD = _grouped(h_RF, down, sizes_E)
+    else:
+        blocks = grouped_matmul.Blocks.of(sizes_E, x_RD.shape[0], expected_rows)
+        x_NBD = blocks.pad(x_RD)
+        h_NBF = activation(_blockwise(x_NBD, gate, blocks)) * _blockwise(x_NBD, up, blocks)
+        y_RD = blocks.unpad(_blockwise(h_NBF, down, blocks))
     return jnp.zeros_like(y_RD).at[order_R].set(y_RD)
+
+
+def _platform() -> str:
+    mesh = active_mesh()
+    return (jax.devices()[0] if mesh is None else mesh.devices.flat[0]).platform
 
 
 def _grouped(x_RI, projection, sizes_E):
@@ -233,3 +249,12 @@ def _grouped(x_RI, projection, sizes_E):
     if len(projection) == 3:
         y_RO = y_RO + jax.lax.ragged_dot(jax.lax.ragged_dot(x_RI, projection[1], sizes_E), projection[2], sizes_E)
     return y_RO
+
+
+def _blockwise(x_NBI, projection, blocks):
+    """A projection (weight[, A, B]) of rows in blocks of one expert each (`blocks`)."""
+    y_NBO = grouped_matmul.matmul(x_NBI, projection[0], blocks)
+    if len(projection) == 3:
+        xa_NBR = grouped_matmul.matmul(x_NBI, projection[1], blocks)
+        y_NBO = y_NBO + grouped_matmul.matmul(xa_NBR, projection[2], blocks)
+    return y_NBO

@@ -64,15 +64,17 @@ def test_a_pipeline_on_gpus_holds_its_stacked_gradients_beside_their_sum():
         assert terms["gradients"] == pytest.approx(copies * terms["parameters"], abs=1)
 
 
-def test_gpu_grouped_matmul_copies_its_input_for_every_local_expert():
+def test_gpu_blocks_run_the_routed_rows_where_ragged_dot_copies_them_for_every_local_expert():
     """XLA's GPU compiler runs ragged_dot as one dense dot over every group (the experts term's RAGGED_EXPANSION):
-    a grouped MLP's backward on compile-only H100s grows by the term's bytes per local expert."""
+    a grouped MLP's backward on compile-only H100s grows by the term's bytes per local expert. The blocks
+    (models/grouped_matmul.py) grow by less than two experts' copies, within the memory model's BLOCKS term."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import SingleDeviceSharding
 
-    from moai_jax.models.moe import _grouped_experts
-    from moai_jax.planner.experts import RAGGED_EXPANSION
+    from moai_jax.models import moe
+    from moai_jax.models.grouped_matmul import block_count, block_rows
+    from moai_jax.planner.experts import BLOCKS, RAGGED_EXPANSION
     from moai_jax.step import without_persistent_cache
 
     acc = Accelerator(1, "h100")
@@ -81,17 +83,23 @@ def test_gpu_grouped_matmul_copies_its_input_for_every_local_expert():
     rows, d, f = 2048, 512, 256
     on = SingleDeviceSharding(acc.devices[0])
 
-    def temp_bytes(experts):
+    def temp_bytes(experts, platform):
         shaped = lambda shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype, sharding=on)  # noqa: E731
         weights = (shaped((experts, d, f)), shaped((experts, d, f)), shaped((experts, f, d)))
         args = (shaped((rows, d)), weights, shaped((rows,), jnp.int32))
 
         def loss(x, weights, ids):
-            return jnp.sum(_grouped_experts(x, ids, tuple((w,) for w in weights), jax.nn.silu).astype(jnp.float32))
-        with without_persistent_cache():  # compile-only devices: nothing to load a cached executable into
+            return jnp.sum(moe._grouped_experts(x, ids, tuple((w,) for w in weights), jax.nn.silu).astype(jnp.float32))
+        with without_persistent_cache(), pytest.MonkeyPatch.context() as patch:  # compile-only: nothing to load
+            patch.setattr(moe, "_platform", lambda: platform)  # "tpu": the ragged_dot path, compiled for the H100
             compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*args).compile()
         return compiled.memory_analysis().temp_size_in_bytes
 
+    one, ragged = temp_bytes(1, "tpu"), temp_bytes(9, "tpu")
     expand_d, expand_f = RAGGED_EXPANSION["gpu"]
     per_expert = rows * (expand_d * d + expand_f * f) * 2
-    assert (temp_bytes(9) - temp_bytes(1)) / 8 == pytest.approx(per_expert, rel=0.15)
+    assert (ragged - one) / 8 == pytest.approx(per_expert, rel=0.15)
+    blocks = temp_bytes(9, "gpu")
+    block_d, block_f = BLOCKS["gpu"]
+    padded = block_count(rows, 9, block_rows(rows, 9)) * block_rows(rows, 9)
+    assert blocks - one < min(2 * per_expert, padded * (block_d * d + block_f * f) * 2)

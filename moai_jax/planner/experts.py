@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 
 from moai_jax.models import ModelConfig
+from moai_jax.models.grouped_matmul import PADDING_SHARE, block_count, block_rows
 from moai_jax.sharding.mesh import MeshShape
 
 # Elements per routed row and MoE layer kept for backward, by remat policy: (expert MLP width F, hidden D)
@@ -40,8 +41,17 @@ FAMILY_SHARES = {"cpu": 1.0, "gpu": 0.62, "tpu": 1.0}  # gpu: 4 compiles for 8 c
 # masked once per expert of the device. (D, F) elements in the compute dtype per routed row and local expert
 # beyond the first (whose copy WORKING holds), at a grouped MLP's backward: fitted on compile-only H100s, 8,192
 # rows, 1 / 4 / 16 experts, D, F = 1024, 256 and 512, 1024 (qwen3-30b-a3b, 128 experts on each of 16 H100s:
-# 146.2 GiB estimated, 147.1 GiB compiled; docs/moe.md). The TPU's ragged_dot has its own grouped kernel.
+# 146.2 GiB estimated, 147.1 GiB compiled; docs/moe.md). moai_jax's GPU step runs `ragged_dot` only in a
+# pipeline's stages; elsewhere the blocks of models/grouped_matmul.py. The TPU's ragged_dot has its own kernel.
 RAGGED_EXPANSION = {"gpu": (2.27, 2.74)}
+# The blocks (models/grouped_matmul.py) on a GPU: (D, F) elements in the compute dtype per padded row (the
+# buffer's rows and a block of room per local expert) beyond WORKING's one copy, at a grouped MLP's backward:
+# fitted on 6 compiles for a compile-only H100 (8,192–32,768 rows, 1 and 16 experts, D 1024 / 2048, F 256–1024;
+# within 8% from 32 MiB up; docs/moe.md).
+BLOCKS = {"gpu": (0.91, 5.11)}
+# Seconds a step of the blocks' loop costs beyond its matmul on a GPU (a `while` loop: the body's kernel
+# launches and the trip-count check): a guess, not measured on a GPU.
+BLOCK_STEP_SECONDS = 10e-6
 
 
 def moe_param_shapes(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple]]:
@@ -62,8 +72,11 @@ def layer_expert_elements(config: ModelConfig, mesh: MeshShape) -> float:
 
 
 def path(family: str, mesh: MeshShape) -> str:
-    """How the experts run in the compiled step: "dense" (XLA:CPU without expert parallelism) or "sorted"."""
-    return "dense" if family == "cpu" and mesh.expert == 1 else "sorted"
+    """How the experts run in the compiled step: "dense" (XLA:CPU without expert parallelism), "ragged" (a TPU's
+    `ragged_dot`, and a GPU's in a pipeline's stages: models/moe.py) or "blocks" (models/grouped_matmul.py)."""
+    if family == "cpu" and mesh.expert == 1:
+        return "dense"
+    return "ragged" if family == "tpu" or (family == "gpu" and mesh.stage > 1) else "blocks"
 
 
 def routed_rows(config: ModelConfig, tokens: float, mesh: MeshShape, family: str) -> float:
@@ -95,12 +108,40 @@ def experts_bytes(config: ModelConfig, tokens: float, mesh: MeshShape, layers: f
     saved_f, saved_d = SAVED[remat]
     work_f, work_d = WORKING
     per_row = layers * (saved_f * width + saved_d * c.hidden_size) + work_f * width + work_d * c.hidden_size
+    local = local_experts(c, mesh)
     expanded = 0.0
-    if family in RAGGED_EXPANSION and path(family, mesh) == "sorted":
-        local = c.num_experts // mesh.expert if c.num_experts % mesh.expert == 0 else c.num_experts
+    if family in RAGGED_EXPANSION and path(family, mesh) == "ragged":
         expand_d, expand_f = RAGGED_EXPANSION[family]
         expanded = (local - 1) * rows * (expand_d * c.hidden_size + expand_f * width) * compute_bytes
+    elif family in BLOCKS and path(family, mesh) == "blocks":
+        block_d, block_f = BLOCKS[family]
+        padded = block_count(int(rows), local, block(c, tokens, mesh)) * block(c, tokens, mesh)
+        expanded = padded * (block_d * c.hidden_size + block_f * width) * compute_bytes
     return FAMILY_SHARES[family] * rows * per_row * activation_bytes + expanded
+
+
+def local_experts(config: ModelConfig, mesh: MeshShape) -> int:
+    c = config
+    return c.num_experts // mesh.expert if c.num_experts % mesh.expert == 0 else c.num_experts
+
+
+def block(config: ModelConfig, tokens: float, mesh: MeshShape) -> int:
+    """The blocks' size for `tokens` tokens of a device: sized for the t · k pairs its experts get on average."""
+    return block_rows(max(1, int(tokens * gathered_rows(mesh) * config.num_experts_per_tok)),
+                      local_experts(config, mesh))
+
+
+def block_loop_seconds(config: ModelConfig, rows: float, mesh: MeshShape, ticks: float, remat: str,
+                       hardware_name: str) -> float:
+    """Seconds of the blocks' loop steps beyond their matmuls in one step on a GPU (0 elsewhere): per MoE layer
+    and micro-batch, the blocks the routed pairs fill, for each of the 3 projections, forward (again under remat
+    full) and twice backward; `rows` are this device's tokens per micro-batch."""
+    if not config.num_experts or hardware_name.startswith("tpu") or path("gpu", mesh) != "blocks":
+        return 0.0
+    size = block(config, rows, mesh)
+    steps = rows * gathered_rows(mesh) * config.num_experts_per_tok / size + local_experts(config, mesh) / 2
+    passes = 3 + (remat == "full")
+    return ticks * sum(config.sparse_layers) * 3 * passes * steps * BLOCK_STEP_SECONDS
 
 
 def all_to_all_seconds(config: ModelConfig, rows: float, mesh: MeshShape, bandwidth: float, ticks: float,
@@ -146,13 +187,18 @@ def expert_verdict(s, fits) -> str:
 
 def replicated_flops(config: ModelConfig, seq_len: int, mesh: MeshShape, hardware_name: str = "tpu") -> float:
     """Training FLOPs per token of the sorted path's experts beyond the routed pairs' own: computed again for the
-    context devices around each device (`gathered_rows`); and on a GPU, whose compiler runs `ragged_dot` as one
-    dense dot over every local expert and every row of the static buffers (RAGGED_EXPANSION), all of those."""
+    context devices around each device (`gathered_rows`); on a GPU, the blocks' padding (half a block per local
+    expert on average, at most 1 / PADDING_SHARE of the pairs), or in a pipeline's stages, where its compiler
+    runs `ragged_dot` as one dense dot over every local expert and every row of the static buffers
+    (RAGGED_EXPANSION), all of those."""
     c = config
     if not c.num_experts:
         return 0.0
-    k, local = c.num_experts_per_tok, c.num_experts // mesh.expert if c.num_experts % mesh.expert == 0 else 1
+    k, local = c.num_experts_per_tok, local_experts(c, mesh)
     rows = k * gathered_rows(mesh)  # rows run per token of the device
     if not hardware_name.startswith("tpu"):
-        rows = routed_rows(c, seq_len, mesh, "gpu") / seq_len * local
+        if path("gpu", mesh) == "ragged":
+            rows = routed_rows(c, seq_len, mesh, "gpu") / seq_len * local
+        else:
+            rows *= 1 + 1 / (2 * PADDING_SHARE)
     return 6 * sum(c.sparse_layers) * 3 * c.hidden_size * c.expert_size * (rows - k)

@@ -25,7 +25,7 @@
                    backward, and the last stage's outputs handed to the head: on the critical path
     expert         under expert parallelism, each MoE layer's token-expert pairs sent to the experts'
                    devices and back by all-to-all, forward and backward: on the critical path
-                   (planner/experts.py). A MoE model's compute counts its active parameters (the router
+                   (planner/experts.py); on a GPU also the grouped matmul's loop steps (its blocks). A MoE model's compute counts its active parameters (the router
                    and the k experts a token is routed to); outside the MoE layers `expert` splits the
                    batch and shards the weights like fsdp, while the experts' weights stay on their devices
 Each axis uses the link it spans: devices are laid out tensor innermost, then context, expert, fsdp,
@@ -42,7 +42,7 @@ from moai_jax.accelerator import Hardware
 from moai_jax.models import ModelConfig, flops_per_token, param_count
 from moai_jax.models.lora import LoraConfig, adapter_param_count
 from moai_jax.models.lora import flops_per_token as lora_flops_per_token
-from moai_jax.planner.experts import all_to_all_seconds, expert_param_count, replicated_flops
+from moai_jax.planner.experts import all_to_all_seconds, block_loop_seconds, expert_param_count, replicated_flops
 from moai_jax.sharding.mesh import MeshShape
 
 PEAK_EFFICIENCY = 0.53  # of peak FLOP/s large bfloat16 matmuls reach in a training step (fitted: planner/published.py)
@@ -110,8 +110,8 @@ def estimate_seconds(config: ModelConfig, batch_size: int, seq_len: int, mesh: M
     per_pass = ticks * 2 * config.num_layers / s * rows * config.hidden_size * compute_bytes * 2 * (t - 1) / t
     tensor = (forward_passes + 1) * per_pass / link_bandwidth(hardware, t)
     context = context_seconds(config, seq_len, rows, mesh, hardware, ticks, remat, compute_bytes)
-    expert = all_to_all_seconds(config, rows, mesh, link_bandwidth(hardware, x * mesh.context * t), ticks, remat,
-                                compute_bytes)
+    expert = (all_to_all_seconds(config, rows, mesh, link_bandwidth(hardware, x * mesh.context * t), ticks, remat,
+                                 compute_bytes) + block_loop_seconds(config, rows, mesh, ticks, remat, hardware.name))
     bubble, stage = pipeline_seconds(config, seq_len, batch_size, mesh, hardware, micro_batches, compute,
                                      compute_bytes, virtual_stages)
     if collectives is not None:
