@@ -6,12 +6,12 @@ flags) runs it as one dense dot over every group, each input copied and masked o
 and the memory: planner/experts.py's RAGGED_EXPANSION, measured on compile-only H100s), and XLA:CPU likewise.
 
 `Blocks` lays the rows out in blocks of `block` rows, each group's rows padded to whole blocks, so that every
-block belongs to one group; `matmul` multiplies each block by its group's weight in a loop (`lax.scan`), one
-[block, in] × [in, out] matmul a block. The rows run are the routed rows plus at most one partial block a group
-(`Blocks.rows`). The backward pass is written out (`jax.custom_vjp`): the input's gradient the same loop on the
-transposed weights; the weights' gradient accumulated per group in float32, like a dot's own accumulation, and
-rounded once. Autodiff through the loop would keep each block's weight slice for backward (blocks × in × out)
-and sum the gradient in the weight's dtype.
+block belongs to one group; `matmul` multiplies each block by its group's weight, one [block, in] × [in, out]
+matmul a step of a loop (`lax.fori_loop`) over the blocks the groups fill: the routed rows plus at most one
+partial block a group, however many rows the static shapes leave room for (a dropless MoE's buffers are sized
+for the worst case). The backward pass is written out (`jax.custom_vjp`): the input's gradient the same loop
+on the transposed weights; the weights' gradient summed over each group's blocks in float32 (a dot's own
+accumulation) and rounded once. A loop of dynamic length has no autodiff of its own.
 """
 
 from __future__ import annotations
