@@ -36,6 +36,9 @@ class Run:
     remat: str
     virtual_stages: int = 1  # an interleaved pipeline schedule (Megatron's virtual pipeline stages)
     overlap_collectives: bool = False  # tensor-parallel and stage transfers overlapped with the matmuls
+    # gradients reduced in float32: torchtitan's mixed_precision_reduce and NeMo's grad_reduce_in_fp32 default
+    # to it (MoAI does not say; taken as the same), where moai_jax's XLA step sends the compute dtype's
+    gradient_bytes: int = 4
 
     @property
     def devices(self) -> int:
@@ -47,7 +50,8 @@ class Run:
                                    MeshShape(**self.mesh), hardware_profile(self.hardware),
                                    micro_batches=self.micro_batches, remat=self.remat,
                                    virtual_stages=self.virtual_stages,
-                                   overlap_collectives=self.overlap_collectives)["total"]
+                                   overlap_collectives=self.overlap_collectives,
+                                   gradient_bytes=self.gradient_bytes)["total"]
         return self.batch_size * self.seq_len / seconds
 
 

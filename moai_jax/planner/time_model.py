@@ -7,7 +7,8 @@
                    rows)
     data           gradient all-reduce over `data`, once per step, overlapped with compute
     fsdp           weights all-gathered forward and backward and gradients reduce-scattered, once per
-                   micro-batch, overlapped with compute
+                   micro-batch, overlapped with compute; gradients travel in the compute dtype, as XLA
+                   compiles the step (the output head's in float32)
     tensor         per layer, two all-reduces of the [tokens, hidden] activations in each pass (the same
                    bytes as sequence parallelism's two all-gathers and two reduce-scatters) over the link
                    `tensor` spans: the forward ones (and remat's recompute) sit between dependent matmuls,
@@ -65,15 +66,16 @@ def link_bandwidth(hardware: Hardware, span: int) -> float:
 def estimate_seconds(config: ModelConfig, batch_size: int, seq_len: int, mesh: MeshShape, hardware: Hardware, *,
                      micro_batches: int = 1, remat: str = "none", compute_bytes: int = 2,
                      lora: LoraConfig | None = None, virtual_stages: int = 1,
-                     overlap_collectives: bool = False, collectives: Mapping[str, float] | None = None
-                     ) -> dict[str, float]:
+                     overlap_collectives: bool = False, collectives: Mapping[str, float] | None = None,
+                     gradient_bytes: int | None = None) -> dict[str, float]:
     """Estimated seconds of one step, split into compute, per-axis communication and total. With
     `lora`, no base weight gradient is computed, all-reduced or reduce-scattered (`lora_work`).
     Two schedules moai_jax's step does not have, for published runs: `virtual_stages` > 1, an
     interleaved pipeline; `overlap_collectives`, tensor-parallel collectives and stage transfers
     overlapped with the matmuls like data and fsdp traffic (Megatron's userbuffers and overlap_p2p_comm).
     `collectives`: seconds of communication per term (data, fsdp, tensor, context, expert, stage) read from
-    the compiled step (planner/compiled_collectives.py), in place of the guessed ones: the step "as compiled"."""
+    the compiled step (planner/compiled_collectives.py), in place of the guessed ones: the step "as compiled".
+    `gradient_bytes`: bytes per gradient element on the wire, for a published framework (None: moai_jax's)."""
     devices = mesh.size
     tokens = batch_size * seq_len
     recompute = REMAT_FLOPS[remat] + (STAGE_RECOMPUTE_FLOPS if mesh.stage > 1 and remat == "full" else 0.0)
@@ -94,7 +96,13 @@ def estimate_seconds(config: ModelConfig, batch_size: int, seq_len: int, mesh: M
     s, t, d, x = mesh.stage, mesh.tensor, mesh.data, mesh.expert
     f = mesh.fsdp * mesh.context * x  # weights shard over context and (outside the experts) expert too
     trained_experts = experts if lora is None else adapter_param_count(config, lora, experts_only=True)
-    grad_bytes = 4 * trained / (f * t * s)  # the experts' weights too: experts over expert, embed over the rest
+    # Gradients on the wire: moai_jax's compiled step sends them in the compute dtype, but the output head's
+    # (its logits accumulate in float32) in float32 (docs/time-model.md, "Collectives as compiled"); a published
+    # framework that reduces them in float32 says so (`gradient_bytes`=4)
+    wire = compute_bytes if gradient_bytes is None else gradient_bytes
+    head = config.vocab_size * config.hidden_size if gradient_bytes is None and lora is None else 0
+    head_extra = (4 - wire) * head / (t * s)  # bytes per device, before the fsdp split
+    grad_bytes = wire * trained / (f * t * s) + head_extra / f  # the experts' too: experts over expert
     data = 2 * (d - 1) / d * grad_bytes / link_bandwidth(hardware, t * f * d) if d > 1 else 0.0
     fsdp = 0.0
     if f > 1:  # the experts' weights are gathered over fsdp × context only: each device keeps its own experts
@@ -102,8 +110,8 @@ def estimate_seconds(config: ModelConfig, batch_size: int, seq_len: int, mesh: M
         shard_volume = (params - experts) / t / s * (f - 1) / f + experts / x / t / s * (fe - 1) / fe
         trained_volume = ((trained - trained_experts) / t / s * (f - 1) / f
                           + trained_experts / x / t / s * (fe - 1) / fe)
-        # gather forward and backward, reduce-scatter the float32 gradients of what trains
-        per_micro = shard_volume * 2 * compute_bytes + trained_volume * 4
+        # gather forward and backward, reduce-scatter the gradients of what trains
+        per_micro = shard_volume * 2 * compute_bytes + trained_volume * wire + head_extra * (f - 1) / f
         fsdp = ticks * per_micro / link_bandwidth(hardware, t * f)
     forward_passes = 2 if remat == "full" else 1  # of the tensor-parallel all-reduces; backward has one
     # one pass's all-reduces, each moving 2 (t − 1) / t of a [rows, hidden] activation
