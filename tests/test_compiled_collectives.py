@@ -10,18 +10,20 @@ spanning exactly their axes, the scan over layers counted once per layer.
 import dataclasses
 import functools
 import math
+import types
 
 import pytest
 from flax import nnx
 
 import moai_jax as moai
-from moai_jax.accelerator import HARDWARE, Accelerator
+from moai_jax.accelerator import HARDWARE, Accelerator, hardware_profile
 from moai_jax.models import Decoder, ModelConfig, param_count
 from moai_jax.optimizer import adamw
-from moai_jax.planner.compiled_collectives import collectives, replica_groups, seconds_by_term, spanned_axes
+from moai_jax.planner.compiled_collectives import (Collective, collectives, replica_groups, seconds_by_term,
+                                                   spanned_axes)
 from moai_jax.sharding.mesh import MeshShape
 from moai_jax.sharding.rules import partition_spec
-from moai_jax.step import compile_step
+from moai_jax.step import Verified, compile_step
 
 CONFIG = dataclasses.replace(ModelConfig.preset("tiny"), num_heads=8, num_kv_heads=4, head_dim=8)  # test_trainer's
 BATCH, SEQ = 16, 32
@@ -130,6 +132,7 @@ def test_data_parallel_steps_all_reduce_every_float32_gradient_over_data():
     assert p.compiled_step_seconds["data"] == pytest.approx(
         sent(found, "all-reduce", ("data",)) / cpu.intra_host_bandwidth, abs=1e-6)  # rounded to 6 decimals
     assert p.compiled_step_seconds["compute"] == p.estimated_step_seconds["compute"]
+    assert p.compiled_step_seconds["data"] == pytest.approx(p.estimated_step_seconds["data"], rel=1e-2)  # guessed
     assert p.compiled_line().startswith("as compiled: ") and "data all-reduces" in str(p)
 
 
@@ -155,3 +158,22 @@ def test_fsdp_gathers_weights_and_tensor_all_reduces_activations_over_their_own_
     assert {c.term for c in found if c.axes == ("fsdp",)} == {"fsdp"}
     assert p.compiled_collective_bytes["tensor all-reduce"] == int(tensor)
     assert seconds_by_term(found, HARDWARE["cpu"])["tensor"] >= p.compiled_step_seconds["tensor"]  # some hidden
+
+
+def test_a_plan_slower_as_compiled_than_the_next_estimate_has_that_one_compiled_and_loses_to_it():
+    h100 = types.SimpleNamespace(flavor=8, hardware=hardware_profile("h100"), devices=[], family="gpu")
+    compiled = []
+
+    def verifier(candidate):  # the first compile sends a terabyte over fsdp, the second nothing
+        compiled.append(candidate)
+        sent = (Collective("all-gather", 1e12, 8, ("fsdp",), 8),) if len(compiled) == 1 else ()
+        return Verified(1, "8 × H100 (made up)", 0.0, collectives=sent)
+
+    p = moai.plan(ModelConfig.preset("llama3-8b"), 32, 1024, h100, verifier=verifier)
+    first, second = compiled
+    assert first.compiled_step_seconds is None and len(compiled) == 2  # the planner's plans, before their compile
+    assert (p.mesh, p.remat, p.micro_batches) == (second.mesh, second.remat, second.micro_batches)
+    assert p.compiled_step_seconds["total"] == p.compiled_step_seconds["compute"] <= p.estimated_step_seconds["total"]
+    lost = p.alternatives[0]
+    assert (lost["mesh"], lost["remat"]) == (first.mesh.sizes(), first.remat) and "as compiled" in lost["why_not"]
+    assert "fastest as compiled of the 2 plans" in p.why

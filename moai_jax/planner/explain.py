@@ -37,6 +37,26 @@ def _slower_because(alt, chosen) -> str:
     return f"{ratio:.1%} slower: {cause}"
 
 
+def step_seconds(plan: Plan) -> float:
+    """A plan's step: as compiled where a compile read its collectives, else as estimated."""
+    return (plan.compiled_step_seconds or plan.estimated_step_seconds)["total"]
+
+
+def lost_as_compiled(best: Plan, others: list[Plan]) -> tuple[dict[str, Any], ...]:
+    """`best`'s alternatives, led by the other plans compiled within the budget, each losing by its step as
+    compiled (their entries among the estimates replaced)."""
+    def key(a):
+        return tuple(sorted(a["mesh"].items())), a["micro_batches"], a["remat"], a["loss"]
+
+    lost = [{"mesh": p.mesh.sizes(), "micro_batches": p.micro_batches, "remat": p.remat, "loss": p.loss,
+             "estimated_bytes_per_device": p.estimated_bytes_per_device["total"],
+             "estimated_step_seconds": p.estimated_step_seconds["total"],
+             "why_not": f"compiled: {step_seconds(p):.3f} s a step as compiled, over the chosen plan's "
+                        f"{step_seconds(best):.3f} s"} for p in others]
+    shown = {key(a) for a in lost}
+    return (*lost, *(a for a in best.alternatives if key(a) not in shown))
+
+
 def compile_ceiling(rejected) -> float:
     """The smallest estimate of a candidate that compiled over the budget: a candidate estimated at no less is
     not worth a compile (search.next_to_compile skips it); infinity while none has."""

@@ -1,7 +1,9 @@
 """`plan()`: rank every candidate by estimated step time among those whose estimated memory fits, then
 verify the winner by compiling its real train step on abstract inputs; over budget → the next one. On a
 GPU or TPU compiler, a faster candidate estimated over the budget by less than the memory model errs high
-is compiled first, and chosen if the compiler fits it.
+is compiled first, and chosen if the compiler fits it; and where the compiled step's collectives
+(planner/compiled_collectives.py) put it behind the estimate of a candidate not compiled yet, that one is
+compiled too and the faster as compiled is chosen.
 
 Deterministic and allocation-free. Knobs the user fixes are honored; the rest stay automatic.
 """
@@ -23,7 +25,7 @@ from moai_jax.models.lora import LoraConfig
 from moai_jax.models.lora import flops_per_token as lora_flops
 from moai_jax.planner.candidates import Candidate, Fixed, batch_split_error, candidates, check_fixed
 from moai_jax.planner.compiled_collectives import bytes_by_term, seconds_by_term
-from moai_jax.planner.explain import alternatives, compile_ceiling, why_chosen
+from moai_jax.planner.explain import alternatives, compile_ceiling, lost_as_compiled, step_seconds, why_chosen
 from moai_jax.planner.memory import OVER_TOLERANCE, estimate_bytes
 from moai_jax.planner.plan import Plan
 from moai_jax.planner.time_model import estimate_seconds
@@ -117,6 +119,27 @@ def next_to_compile(fits: list[Scored], over: list[Scored], budget: int, target_
         yield s
 
 
+def outranked(compiled: Plan, fits: list[Scored], tried: list[Scored]) -> bool:
+    """Whether the step as compiled is slower, by more than a near-tie, than the estimate of a fitting
+    candidate not compiled yet: on a GPU or TPU compiler that one is compiled too (within MAX_VERIFIES)."""
+    seconds = (compiled.compiled_step_seconds or {}).get("total")
+    return seconds is not None and any(s.seconds["total"] * (1 + SIMPLER_WITHIN) < seconds
+                                       for s in fits if all(s is not t for t in tried))
+
+
+def fastest_as_compiled(fitted: list[Plan], start: float) -> Plan:
+    """Of the plans compiled within the budget (in the order compiled), the fastest as compiled; the others
+    lead its alternatives, each with its seconds as compiled."""
+    best = min(fitted, key=step_seconds)
+    others = [p for p in fitted if p is not best]
+    if others:
+        best = dataclasses.replace(best, alternatives=lost_as_compiled(best, others),
+                                   why=f"{best.why}; the fastest as compiled of the {len(fitted)} plans compiled "
+                                       f"within the budget ({step_seconds(best):.3f} s a step)")
+    return dataclasses.replace(best, planning_seconds={**best.planning_seconds,
+                                                       "total": round(time.perf_counter() - start, 3)})
+
+
 def smallest_flavor(config, batch_size, seq_len, hardware, memory_fraction, fixed: Fixed, start: int,
                     compute_dtype: str = "bfloat16", lora: LoraConfig | None = None, family: str = "cpu") -> int | None:
     """The smallest flavor above `start` where some candidate's estimate fits (mesh axes left automatic)."""
@@ -197,11 +220,23 @@ def plan(model_config: ModelConfig, batch_size: int, seq_len: int, accelerator: 
                     candidates_considered=len(fits) + len(over), candidates_fitting=len(fits),
                     lora=None if lora is None else lora.to_dict())
 
+    def as_compiled(result: Verified, candidate: Candidate) -> dict:
+        """The Plan's fields for the step as compiled: its collectives in place of the guessed communication."""
+        if result.collectives is None:
+            return {}
+        seconds = score(model_config, batch_size, seq_len, hardware, candidate, compute_dtype, lora, family,
+                        seconds_by_term(result.collectives, hardware)).seconds
+        return {"compiled_step_seconds": {k: round(v, 6) for k, v in seconds.items()},
+                "compiled_collective_bytes": bytes_by_term(result.collectives)}
+
     rejected: list[tuple[Scored, str]] = []
-    compiled: list[Verified] = []
+    compiled: list[Verified] = []  # over the budget
+    fitted: list[Plan] = []  # compiled within the budget
+    tried: list[Scored] = []
     # On a GPU or TPU target (attached or compile-only) the compiler has the last word: a faster candidate
     # estimated just over the budget is compiled first, and where no estimate fits the smallest is compiled
-    # too; either is chosen if the target's compiler fits it in the budget.
+    # too; either is chosen if the target's compiler fits it in the budget. A plan whose collectives as
+    # compiled make it slower than another's estimate has that one compiled too; the fastest as compiled wins.
     target_compiler = getattr(accelerator, "family", "cpu") != "cpu"
     for s in next_to_compile(fits, over, budget, target_compiler, verify, rejected):
         if not fits:
@@ -226,19 +261,20 @@ def plan(model_config: ModelConfig, batch_size: int, seq_len: int, accelerator: 
                                    budget)
         timing = {**chosen.planning_seconds, "verify": round(result.seconds, 3),
                   "total": round(time.perf_counter() - start, 3)}
+        tried.append(s)
         if result.bytes_per_device <= budget:
-            compiled = {}
-            if result.collectives is not None:  # the step as compiled: its collectives in place of the guessed ones
-                seconds = score(model_config, batch_size, seq_len, hardware, s.candidate, compute_dtype, lora, family,
-                                seconds_by_term(result.collectives, hardware)).seconds
-                compiled = {"compiled_step_seconds": {k: round(v, 6) for k, v in seconds.items()},
-                            "compiled_collective_bytes": bytes_by_term(result.collectives)}
-            return dataclasses.replace(chosen, verified_bytes_per_device=result.bytes_per_device,
-                                       verified_on=result.backend, planning_seconds=timing, **compiled)
+            fitted.append(dataclasses.replace(chosen, verified_bytes_per_device=result.bytes_per_device,
+                                              verified_on=result.backend, planning_seconds=timing,
+                                              **as_compiled(result, s.candidate)))
+            if not (target_compiler and outranked(fitted[-1], fits, tried)):
+                break
+            continue
         compiled.append(result)
         rejected.append((s, f"compiled to {format_bytes(result.bytes_per_device)} on {result.backend}, over the "
                             f"{format_bytes(budget)} budget" + (f" ({result.error})" if result.error else "")))
 
+    if fitted:
+        return fastest_as_compiled(fitted, start)
     best = rejected[0][0] if rejected else over[0]
     needed = max(compiled[0].bytes_per_device if compiled else best.memory["total"], budget + 1)
     measured = f" as compiled for {compiled[0].backend}" if compiled else ""
