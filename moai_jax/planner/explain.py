@@ -11,6 +11,7 @@ from moai_jax.sharding.mesh import MeshShape
 from moai_jax.sizes import format_bytes
 
 TOP_ALTERNATIVES = 5
+ABOUT_AS_FAST = "about as fast; the chosen layout is simpler"
 
 
 def _compact(s) -> dict[str, Any]:
@@ -33,7 +34,7 @@ def _slower_because(alt, chosen) -> str:
              "expert-parallel all-to-alls": a.get("expert", 0) - c.get("expert", 0)}
     cause = max(parts, key=parts.get)
     if ratio <= 0:
-        return "about as fast; the chosen layout is simpler"
+        return ABOUT_AS_FAST
     return f"{ratio:.1%} slower: {cause}"
 
 
@@ -42,9 +43,9 @@ def step_seconds(plan: Plan) -> float:
     return (plan.compiled_step_seconds or plan.estimated_step_seconds)["total"]
 
 
-def lost_as_compiled(best: Plan, others: list[Plan]) -> tuple[dict[str, Any], ...]:
-    """`best`'s alternatives, led by the other plans compiled within the budget, each losing by its step as
-    compiled (their entries among the estimates replaced)."""
+def lost_as_compiled(best: Plan, others: list[Plan], estimated: list[dict[str, Any]]) -> tuple[dict[str, Any], ...]:
+    """`best`'s alternatives: the other plans compiled within the budget, each losing by its step as compiled,
+    then the `estimated` ones (a near-tie estimated faster, not compiled, lost to the compiled steps' evidence)."""
     def key(a):
         return tuple(sorted(a["mesh"].items())), a["micro_batches"], a["remat"], a["loss"]
 
@@ -54,7 +55,11 @@ def lost_as_compiled(best: Plan, others: list[Plan]) -> tuple[dict[str, Any], ..
              "why_not": f"compiled: {step_seconds(p):.3f} s a step as compiled, over the chosen plan's "
                         f"{step_seconds(best):.3f} s"} for p in others]
     shown = {key(a) for a in lost}
-    return (*lost, *(a for a in best.alternatives if key(a) not in shown))
+    faster = "estimated faster, not compiled: the compiled plans were ranked by their steps as compiled"
+    rest = [{**a, "why_not": faster} if a["why_not"] == ABOUT_AS_FAST
+            and a["estimated_step_seconds"] < best.estimated_step_seconds["total"] else a
+            for a in estimated if key(a) not in shown]
+    return (*lost, *rest)
 
 
 def compile_ceiling(rejected) -> float:

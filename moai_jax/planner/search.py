@@ -127,13 +127,14 @@ def outranked(compiled: Plan, fits: list[Scored], tried: list[Scored]) -> bool:
                                        for s in fits if all(s is not t for t in tried))
 
 
-def fastest_as_compiled(fitted: list[Plan], start: float) -> Plan:
+def fastest_as_compiled(fitted: list[tuple[Scored, Plan]], start: float, ranked_against) -> Plan:
     """Of the plans compiled within the budget (in the order compiled), the fastest as compiled; the others
-    lead its alternatives, each with its seconds as compiled."""
-    best = min(fitted, key=step_seconds)
-    others = [p for p in fitted if p is not best]
+    lead its alternatives (`ranked_against(scored)`: the alternatives of a candidate), each with its seconds
+    as compiled."""
+    scored, best = min(fitted, key=lambda sp: step_seconds(sp[1]))
+    others = [p for _, p in fitted if p is not best]
     if others:
-        best = dataclasses.replace(best, alternatives=lost_as_compiled(best, others),
+        best = dataclasses.replace(best, alternatives=lost_as_compiled(best, others, ranked_against(scored)),
                                    why=f"{best.why}; the fastest as compiled of the {len(fitted)} plans compiled "
                                        f"within the budget ({step_seconds(best):.3f} s a step)")
     return dataclasses.replace(best, planning_seconds={**best.planning_seconds,
@@ -231,7 +232,7 @@ def plan(model_config: ModelConfig, batch_size: int, seq_len: int, accelerator: 
 
     rejected: list[tuple[Scored, str]] = []
     compiled: list[Verified] = []  # over the budget
-    fitted: list[Plan] = []  # compiled within the budget
+    fitted: list[tuple[Scored, Plan]] = []  # compiled within the budget
     tried: list[Scored] = []
     # On a GPU or TPU target (attached or compile-only) the compiler has the last word: a faster candidate
     # estimated just over the budget is compiled first, and where no estimate fits the smallest is compiled
@@ -263,10 +264,10 @@ def plan(model_config: ModelConfig, batch_size: int, seq_len: int, accelerator: 
                   "total": round(time.perf_counter() - start, 3)}
         tried.append(s)
         if result.bytes_per_device <= budget:
-            fitted.append(dataclasses.replace(chosen, verified_bytes_per_device=result.bytes_per_device,
-                                              verified_on=result.backend, planning_seconds=timing,
-                                              **as_compiled(result, s.candidate)))
-            if not (target_compiler and outranked(fitted[-1], fits, tried)):
+            fitted.append((s, dataclasses.replace(chosen, verified_bytes_per_device=result.bytes_per_device,
+                                                  verified_on=result.backend, planning_seconds=timing,
+                                                  **as_compiled(result, s.candidate))))
+            if not (target_compiler and outranked(fitted[-1][1], fits, tried)):
                 break
             continue
         compiled.append(result)
@@ -274,7 +275,7 @@ def plan(model_config: ModelConfig, batch_size: int, seq_len: int, accelerator: 
                             f"{format_bytes(budget)} budget" + (f" ({result.error})" if result.error else "")))
 
     if fitted:
-        return fastest_as_compiled(fitted, start)
+        return fastest_as_compiled(fitted, start, lambda c: alternatives(c, fits, over, budget, rejected))
     best = rejected[0][0] if rejected else over[0]
     needed = max(compiled[0].bytes_per_device if compiled else best.memory["total"], budget + 1)
     measured = f" as compiled for {compiled[0].backend}" if compiled else ""
