@@ -4,7 +4,8 @@ Replica groups in XLA's three spellings and loops' trip counts on small hand-wri
 verifying compile on 8 CPU devices, the very program tests/test_trainer.py's Trainer compiles for the same mesh
 (same model, optimizer and batch), so the persistent cache serves whichever of the two comes second: a
 data-parallel gradient all-reduce of every float32 gradient, fsdp weight all-gathers and tensor all-reduces
-spanning exactly their axes, the scan over layers counted once per layer.
+spanning exactly their axes, the scan over layers counted once per layer. Last, the planner on an H100 profile
+with a made-up verifier: a plan slower as compiled than the next estimate loses to it.
 """
 
 import dataclasses

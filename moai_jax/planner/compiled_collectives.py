@@ -43,6 +43,7 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.
 _CALLS = re.compile(r"\b(condition|body|calls|to_apply|true_computation|false_computation)=%([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _ARRAY = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([\d,]*)\]")
+_MENTIONS = re.compile("|".join(f" {k}(?:-start)?\\(" for k in KINDS))
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 
 
@@ -78,7 +79,7 @@ def collectives(hlo: str, mesh: MeshShape) -> tuple[Collective, ...]:
     found = []
     for name, lines in computations.items():
         for line in lines:
-            m = _INSTRUCTION.match(line)
+            m = _INSTRUCTION.match(line) if _MENTIONS.search(line) else None
             if not m or runs.get(name, 0) == 0:
                 continue
             shape, op = m.group(2), m.group(3)
@@ -242,7 +243,7 @@ def _executions(computations: dict[str, list[str]], entry: str | None) -> dict[s
     trip count times per run of their caller, everything else it calls once per run (nested loops multiply)."""
     calls = defaultdict(list)  # caller → [(callee, times)]
     for name, lines in computations.items():
-        for line in lines:
+        for line in filter(lambda x: "=%" in x, lines):  # only a call names a computation: condition=%..., calls=%...
             trips = _trip_count(line, computations) if " while(" in line else 1
             for role, callee in _CALLS.findall(line):
                 calls[name].append((callee, trips if role in ("body", "condition") else 1))
