@@ -118,13 +118,14 @@ def estimate_seconds(config: ModelConfig, batch_size: int, seq_len: int, mesh: M
     per_pass = ticks * 2 * config.num_layers / s * rows * config.hidden_size * compute_bytes * 2 * (t - 1) / t
     tensor = (forward_passes + 1) * per_pass / link_bandwidth(hardware, t)
     context = context_seconds(config, seq_len, rows, mesh, hardware, ticks, remat, compute_bytes)
-    expert = (all_to_all_seconds(config, rows, mesh, link_bandwidth(hardware, x * mesh.context * t), ticks, remat,
-                                 compute_bytes) + block_loop_seconds(config, rows, mesh, ticks, remat, hardware.name))
+    expert = all_to_all_seconds(config, rows, mesh, link_bandwidth(hardware, x * mesh.context * t), ticks, remat,
+                                compute_bytes)
     bubble, stage = pipeline_seconds(config, seq_len, batch_size, mesh, hardware, micro_batches, compute,
                                      compute_bytes, virtual_stages)
     if collectives is not None:
         data, fsdp, tensor, context, expert, stage = (collectives.get(term, 0.0) for term in
                                                       ("data", "fsdp", "tensor", "context", "expert", "stage"))
+    expert += block_loop_seconds(config, rows, mesh, ticks, remat, hardware.name)  # not traffic: never replaced
     if not overlap_collectives:  # the backward all-reduces overlap the weight-gradient matmuls
         weight_grads = 0.0 if lora else BACKWARD_WEIGHT_SHARE * flops / recompute
         hidden_under = weight_grads / (devices * hardware.peak_flops * efficiency)
