@@ -49,6 +49,12 @@ RAGGED_EXPANSION = {"gpu": (2.27, 2.74)}
 # fitted on 6 compiles for a compile-only H100 (8,192–32,768 rows, 1 and 16 experts, D 1024 / 2048, F 256–1024;
 # within 8% from 32 MiB up; docs/moe.md).
 BLOCKS = {"gpu": (0.91, 5.11)}
+# Bytes per weight element of one MoE layer's local experts that a GPU's backward holds when they are gathered
+# over fsdp (and context): the gathered weights, their gradient and the blocks' float32 sum, the float32 gradient
+# before its reduce-scatter. Fitted on 4 compiles of mixtral-8x7b for 16 compile-only H100s (fsdp=16; expert=2,
+# fsdp=8; expert=8, fsdp=2 with 1 and 4 micro-batches; remat full): the rest of the estimate was 2.1 to 23.9 GiB
+# under, growing with the gathered experts; with it, within 3.4 GiB (docs/moe.md).
+GATHERED_EXPERT_BYTES = {"gpu": 19.6}
 # Seconds a step of the blocks' loop costs beyond its matmul on a GPU (a `while` loop: the body's kernel
 # launches and the trip-count check): a guess, not measured on a GPU.
 BLOCK_STEP_SECONDS = 10e-6
@@ -98,8 +104,9 @@ def gathered_rows(mesh: MeshShape) -> int:
 
 def experts_bytes(config: ModelConfig, tokens: float, mesh: MeshShape, layers: float, remat: str,
                   activation_bytes: int, family: str, compute_bytes: int = 2) -> float:
-    """The "experts" memory term: `layers` MoE layers' saved activations and one layer's working set (with, on
-    a GPU, the grouped matmuls' inputs copied for every local expert)."""
+    """The "experts" memory term: `layers` MoE layers' saved activations and one layer's working set (on a GPU
+    also the blocks' padded rows, or in a pipeline's stages the grouped matmuls' inputs copied for every local
+    expert, and one layer's local experts gathered over fsdp)."""
     c = config
     if not c.num_experts:
         return 0.0
@@ -117,6 +124,8 @@ def experts_bytes(config: ModelConfig, tokens: float, mesh: MeshShape, layers: f
         block_d, block_f = BLOCKS[family]
         padded = block_count(int(rows), local, block(c, tokens, mesh)) * block(c, tokens, mesh)
         expanded = padded * (block_d * c.hidden_size + block_f * width) * compute_bytes
+    if family in GATHERED_EXPERT_BYTES and mesh.fsdp * mesh.context > 1:
+        expanded += GATHERED_EXPERT_BYTES[family] * local * 3 * c.hidden_size * width
     return FAMILY_SHARES[family] * rows * per_row * activation_bytes + expanded
 
 

@@ -100,12 +100,15 @@ def next_to_compile(fits: list[Scored], over: list[Scored], budget: int, target_
     `within_tolerance` of the budget, if any; then the fastest fitting ones, less those estimated at no less
     than one that compiled over the budget (the caller appends those to `rejected`, with why): a plan the
     estimate puts above one that did not fit is not worth a compile. Where no estimate fits, a GPU or TPU
-    compiler judges the smallest."""
+    compiler judges those within OVER_TOLERANCE of the smallest estimate, fastest first (the first that fits is
+    chosen): where every estimate is over, their order by size is within the model's error."""
     if not verify:
         yield from fits[:1]
         return
-    if not fits:
-        yield from over[:1] if target_compiler else []
+    if not fits:  # the smallest estimates, fastest first: the compiler tells which of them fits
+        if target_compiler:
+            yield from fastest_first([s for s in over if s.memory["total"] <= over[0].memory["total"]
+                                      * (1 + OVER_TOLERANCE)])[:MAX_VERIFIES]
         return
     first = within_tolerance(fits, over, budget) if target_compiler else None
     queue = ([first] if first else []) + fits
@@ -241,8 +244,9 @@ def plan(model_config: ModelConfig, batch_size: int, seq_len: int, accelerator: 
     target_compiler = getattr(accelerator, "family", "cpu") != "cpu"
     for s in next_to_compile(fits, over, budget, target_compiler, verify, rejected):
         if not fits:
-            why = (f"the memory model estimated {format_bytes(s.memory['total'])}, over the {format_bytes(budget)} "
-                   f"budget, for the smallest of {len(over)} candidates; its compile is the verdict")
+            why = (f"no estimate fits the {format_bytes(budget)} budget (the smallest of {len(over)} candidates: "
+                   f"{format_bytes(over[0].memory['total'])}); estimated at {format_bytes(s.memory['total'])}, this is "
+                   f"the fastest of those within {OVER_TOLERANCE:.0%} of it that the compiler fits")
         elif s.memory["total"] > budget:  # within_tolerance's: chosen only if the compiler fits it
             why = (f"estimated at {format_bytes(s.memory['total'])}, over the {format_bytes(budget)} budget by less "
                    f"than the memory model errs high ({OVER_TOLERANCE:.0%}), and more than {SIMPLER_WITHIN:.0%} faster "
@@ -276,9 +280,10 @@ def plan(model_config: ModelConfig, batch_size: int, seq_len: int, accelerator: 
 
     if fitted:
         return fastest_as_compiled(fitted, start, lambda c: alternatives(c, fits, over, budget, rejected))
-    best = rejected[0][0] if rejected else over[0]
-    needed = max(compiled[0].bytes_per_device if compiled else best.memory["total"], budget + 1)
-    measured = f" as compiled for {compiled[0].backend}" if compiled else ""
+    nearest = min(range(len(compiled)), key=lambda i: compiled[i].bytes_per_device) if compiled else None
+    best = rejected[nearest][0] if compiled else over[0]  # the compile nearest the budget, or the smallest estimate
+    needed = max(compiled[nearest].bytes_per_device if compiled else best.memory["total"], budget + 1)
+    measured = f" as compiled for {compiled[nearest].backend}" if compiled else ""
     shared = getattr(accelerator, "host_memory", None)  # simulated devices share this host's memory
     if shared:
         hint = host_hint(model_config, batch_size, seq_len, accelerator, budget, fixed, compute_dtype, needed,
