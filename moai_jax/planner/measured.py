@@ -26,7 +26,8 @@ from moai_jax.errors import FlavorError, NoPlanFits
 from moai_jax.planner.candidates import Candidate, Fixed, batch_split_error
 from moai_jax.planner.plan import Plan
 from moai_jax.planner.search import Scored
-from moai_jax.planner.time_model import MICRO_BATCH_OVERHEAD, OVERLAP, PEAK_EFFICIENCY, split_efficiency
+from moai_jax.planner.time_model import (MICRO_BATCH_OVERHEAD, OVERLAP, PEAK_EFFICIENCY, link_bandwidth,
+                                        split_efficiency)
 from moai_jax.sharding.infer import origins, parameter_paths, parameter_specs
 from moai_jax.sharding.mesh import MeshShape, divisors
 from moai_jax.sizes import format_bytes
@@ -89,10 +90,6 @@ def profile(abstract: nnx.Module, optimizer, batch: Mapping[str, jax.ShapeDtypeS
     return Profile(paths, sizes, opt_bytes / max(sum(sizes.values()), 1), per_example)
 
 
-def _bandwidth(hardware: Hardware, span: int) -> float:
-    return hardware.intra_host_bandwidth if span <= hardware.devices_per_host else hardware.inter_host_bandwidth
-
-
 def _ways(spec, sizes: Mapping[str, int]) -> int:
     """Into how many shards a PartitionSpec splits its array."""
     return math.prod(sizes[a] for entry in spec if entry for a in (entry if isinstance(entry, tuple) else (entry,)))
@@ -120,10 +117,11 @@ def estimate(prof: Profile, mesh: MeshShape, micro_batches: int, remat: str, bat
     efficiency = PEAK_EFFICIENCY * split_efficiency(width, mesh.tensor)
     compute = flops / (mesh.size * hardware.peak_flops * efficiency) + MICRO_BATCH_OVERHEAD * micro_batches
     d, f, t = mesh.data, mesh.fsdp, mesh.tensor
-    data = 2 * (d - 1) / d * params / _bandwidth(hardware, d * f * t) if d > 1 else 0.0
+    # gradients travel in the compute dtype, as XLA compiles the step (docs/time-model.md)
+    data = 2 * (d - 1) / d * params / 4 * compute_bytes / link_bandwidth(hardware, d * f * t) if d > 1 else 0.0
     sharded = sum(b for p, b in prof.param_bytes.items() if shard[p] < b) / 4 / t
-    fsdp = micro_batches * sharded * (f - 1) / f * (2 * compute_bytes + 4) / _bandwidth(hardware, f * t)
-    tensor = 2 * micro_batches * memory["activations"] * (t - 1) / t / _bandwidth(hardware, t) if t > 1 else 0.0
+    fsdp = micro_batches * sharded * (f - 1) / f * 3 * compute_bytes / link_bandwidth(hardware, f * t)
+    tensor = 2 * micro_batches * memory["activations"] * (t - 1) / t / link_bandwidth(hardware, t) if t > 1 else 0.0
     seconds = {"compute": compute, "data": data, "fsdp": fsdp, "tensor": tensor,
                "total": compute + max(0.0, data + fsdp - OVERLAP * compute) + tensor}
     return Scored(Candidate(mesh, micro_batches, remat, "whole"), memory, seconds)
