@@ -100,15 +100,12 @@ def next_to_compile(fits: list[Scored], over: list[Scored], budget: int, target_
     `within_tolerance` of the budget, if any; then the fastest fitting ones, less those estimated at no less
     than one that compiled over the budget (the caller appends those to `rejected`, with why): a plan the
     estimate puts above one that did not fit is not worth a compile. Where no estimate fits, a GPU or TPU
-    compiler judges those within OVER_TOLERANCE of the smallest estimate, fastest first (the first that fits is
-    chosen): where every estimate is over, their order by size is within the model's error."""
+    compiler judges the smallest (`smallest_layouts`)."""
     if not verify:
         yield from fits[:1]
         return
-    if not fits:  # the smallest estimates, fastest first: the compiler tells which of them fits
-        if target_compiler:
-            yield from fastest_first([s for s in over if s.memory["total"] <= over[0].memory["total"]
-                                      * (1 + OVER_TOLERANCE)])[:MAX_VERIFIES]
+    if not fits:
+        yield from smallest_layouts(over) if target_compiler else []
         return
     first = within_tolerance(fits, over, budget) if target_compiler else None
     queue = ([first] if first else []) + fits
@@ -142,6 +139,19 @@ def fastest_as_compiled(fitted: list[tuple[Scored, Plan]], start: float, ranked_
                                        f"within the budget ({step_seconds(best):.3f} s a step)")
     return dataclasses.replace(best, planning_seconds={**best.planning_seconds,
                                                        "total": round(time.perf_counter() - start, 3)})
+
+
+def smallest_layouts(over: list[Scored]):
+    """Where no estimate fits: the smallest estimates, one candidate per layout (a loss mode alone is not worth
+    a compile of its own), at most MAX_VERIFIES; the caller keeps the first the compiler fits."""
+    layouts = set()
+    for s in over:
+        layout = (s.candidate.mesh, s.candidate.micro_batches, s.candidate.remat)
+        if layout not in layouts:
+            layouts.add(layout)
+            yield s
+            if len(layouts) == MAX_VERIFIES:
+                return
 
 
 def smallest_flavor(config, batch_size, seq_len, hardware, memory_fraction, fixed: Fixed, start: int,
@@ -244,9 +254,8 @@ def plan(model_config: ModelConfig, batch_size: int, seq_len: int, accelerator: 
     target_compiler = getattr(accelerator, "family", "cpu") != "cpu"
     for s in next_to_compile(fits, over, budget, target_compiler, verify, rejected):
         if not fits:
-            why = (f"no estimate fits the {format_bytes(budget)} budget (the smallest of {len(over)} candidates: "
-                   f"{format_bytes(over[0].memory['total'])}); estimated at {format_bytes(s.memory['total'])}, this is "
-                   f"the fastest of those within {OVER_TOLERANCE:.0%} of it that the compiler fits")
+            why = (f"no estimate fits the {format_bytes(budget)} budget; this is the smallest of {len(over)} "
+                   f"candidates (estimated at {format_bytes(s.memory['total'])}) that the compiler fits")
         elif s.memory["total"] > budget:  # within_tolerance's: chosen only if the compiler fits it
             why = (f"estimated at {format_bytes(s.memory['total'])}, over the {format_bytes(budget)} budget by less "
                    f"than the memory model errs high ({OVER_TOLERANCE:.0%}), and more than {SIMPLER_WITHIN:.0%} faster "
