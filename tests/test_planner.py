@@ -133,3 +133,15 @@ def test_plan_script_json_and_errors(tmp_path):
     assert json.loads(dump.read_text()) == d
     bad = subprocess.run(cmd[:-3] + ["--memory-fraction", "2"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_where_no_estimate_fits_one_candidate_per_layout_is_compiled_smallest_first():
+    from moai_jax.planner.candidates import Candidate
+    from moai_jax.planner.search import MAX_VERIFIES, Scored, smallest_layouts
+
+    def scored(fsdp, loss, total):
+        return Scored(Candidate(MeshShape(fsdp=fsdp), 1, "full", loss), {"total": total}, {"total": 1.0})
+
+    over = [scored(8, "chunked", 10), scored(8, "whole", 11), scored(4, "chunked", 12), scored(2, "whole", 13),
+            scored(1, "chunked", 14)]
+    assert [s.candidate.mesh.fsdp for s in smallest_layouts(over)] == [8, 4, 2, 1][:MAX_VERIFIES]
