@@ -99,8 +99,8 @@ def next_to_compile(fits: list[Scored], over: list[Scored], budget: int, target_
     """The candidates to compile, one at a time, at most MAX_VERIFIES: on a GPU or TPU compiler first the one
     `within_tolerance` of the budget, if any; then the fastest fitting ones, less those estimated at no less
     than one that compiled over the budget (the caller appends those to `rejected`, with why): a plan the
-    estimate puts above one that did not fit is not worth a compile. Where no estimate fits, a GPU or TPU
-    compiler judges the smallest (`smallest_layouts`)."""
+    estimate puts above one that did not fit is not worth a compile. Where no estimate fits, or every compile
+    of the fastest came out over the budget, a GPU or TPU compiler judges the smallest (`smallest_layouts`)."""
     if not verify:
         yield from fits[:1]
         return
@@ -114,9 +114,13 @@ def next_to_compile(fits: list[Scored], over: list[Scored], budget: int, target_
         ceiling = compile_ceiling(rejected)
         s = next((s for s in queue if id(s) not in tried and s.memory["total"] < ceiling), None)
         if s is None:
-            return
+            break
         tried.add(id(s))
         yield s
+    if target_compiler and rejected and len(rejected) == len(tried):  # every compile over: the estimates run low
+        ceiling = compile_ceiling(rejected)
+        yield from smallest_layouts(sorted((s for s in fits if id(s) not in tried and s.memory["total"] < ceiling),
+                                           key=lambda s: (s.memory["total"], s.candidate.key)))
 
 
 def outranked(compiled: Plan, fits: list[Scored], tried: list[Scored]) -> bool:
@@ -141,11 +145,11 @@ def fastest_as_compiled(fitted: list[tuple[Scored, Plan]], start: float, ranked_
                                                        "total": round(time.perf_counter() - start, 3)})
 
 
-def smallest_layouts(over: list[Scored]):
-    """Where no estimate fits: the smallest estimates, one candidate per layout (a loss mode alone is not worth
-    a compile of its own), at most MAX_VERIFIES; the caller keeps the first the compiler fits."""
+def smallest_layouts(scored: list[Scored]):
+    """The smallest estimates of `scored` (sorted by size), one candidate per layout (a loss mode alone is not
+    worth a compile of its own), at most MAX_VERIFIES; the caller keeps the first the compiler fits."""
     layouts = set()
-    for s in over:
+    for s in scored:
         layout = (s.candidate.mesh, s.candidate.micro_batches, s.candidate.remat)
         if layout not in layouts:
             layouts.add(layout)
@@ -263,6 +267,8 @@ def plan(model_config: ModelConfig, batch_size: int, seq_len: int, accelerator: 
                    + why_chosen(s, [s, *fits], [o for o in over if o is not s], fixed))
         else:
             why = why_chosen(s, fits, over, fixed)
+            if rejected:  # the faster ones the estimate fitted did not fit as compiled (see the alternatives)
+                why = f"{len(rejected)} faster candidate(s) compiled over the budget; " + why
         chosen = base(s, why, alternatives(s, fits, over, budget, rejected))
         if not verify:
             return chosen
