@@ -135,13 +135,25 @@ def test_plan_script_json_and_errors(tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and len(bad.stderr.strip().splitlines()) == 1
 
 
-def test_where_no_estimate_fits_one_candidate_per_layout_is_compiled_smallest_first():
+def test_where_the_estimates_run_low_the_smallest_layouts_are_compiled():
+    """No estimate fits: one candidate per layout, smallest first. Every compile of the fastest fitting ones over
+    the budget: then the smallest fitting estimates below them."""
     from moai_jax.planner.candidates import Candidate
-    from moai_jax.planner.search import MAX_VERIFIES, Scored, smallest_layouts
+    from moai_jax.planner.search import MAX_VERIFIES, Scored, next_to_compile
 
-    def scored(fsdp, loss, total):
-        return Scored(Candidate(MeshShape(fsdp=fsdp), 1, "full", loss), {"total": total}, {"total": 1.0})
+    def scored(fsdp, loss, total, seconds=1.0):
+        return Scored(Candidate(MeshShape(fsdp=fsdp), 1, "full", loss), {"total": total}, {"total": seconds})
 
     over = [scored(8, "chunked", 10), scored(8, "whole", 11), scored(4, "chunked", 12), scored(2, "whole", 13),
             scored(1, "chunked", 14)]
-    assert [s.candidate.mesh.fsdp for s in smallest_layouts(over)] == [8, 4, 2, 1][:MAX_VERIFIES]
+    assert [s.candidate.mesh.fsdp for s in next_to_compile([], over, 9, True, True, [])] == [8, 4, 2, 1][:MAX_VERIFIES]
+
+    fast = [scored(f, "chunked", 60 - f, seconds=1.0 + f / 100) for f in (1, 2, 4, 8, 16)]  # fastest first
+    small = scored(32, "chunked", 30, seconds=5.0)
+    rejected = []
+    order = []
+    for s in next_to_compile(fast + [small], [], 64, True, True, rejected):
+        order.append(s.candidate.mesh.fsdp)
+        rejected.append((s, "compiled over the budget"))
+    assert order[:MAX_VERIFIES] == [1, 2, 4][:MAX_VERIFIES]  # the fastest fitting estimates first
+    assert order[MAX_VERIFIES:] == [32, 16, 8][:MAX_VERIFIES]  # then the smallest below the compiles over
