@@ -176,6 +176,8 @@ def expert_param_count(config: ModelConfig) -> int:
 def expert_verdict(s, fits) -> str:
     """Why the chosen plan splits the experts `expert` ways: the other degrees' best plans are slower
     (by how much, and where), or do not fit."""
+    from moai_jax.planner.explain import slower  # explain imports this module
+
     e = s.candidate.mesh.expert
     split = (f"expert={e}: each device holds 1/{e} of every MoE layer's experts, and the layer's all-to-alls take "
              f"{s.seconds.get('expert', 0):.3f} s a step" if e > 1 else
@@ -190,7 +192,7 @@ def expert_verdict(s, fits) -> str:
     terms = ("compute", "expert", "data", "fsdp", "tensor", "bubble", "stage", "context")
     worst = max(terms, key=lambda k: best.seconds.get(k, 0) - s.seconds.get(k, 0))
     return (f"{split}; the best with expert={best.candidate.mesh.expert} is "
-            f"{best.seconds['total'] / s.seconds['total'] - 1:.1%} slower ({worst} {best.seconds.get(worst, 0):.3f} s "
+            f"{slower(best, s)} ({worst} {best.seconds.get(worst, 0):.3f} s "
             f"against {s.seconds.get(worst, 0):.3f} s)")
 
 
