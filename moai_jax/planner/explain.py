@@ -83,9 +83,15 @@ def alternatives(chosen, fits, over, budget: int, rejected) -> list[dict[str, An
         if len(out) >= TOP_ALTERNATIVES:
             break
         if s is not chosen and all(s is not r for r, _ in rejected):
-            skipped = s.memory["total"] >= ceiling and s.seconds["total"] < chosen.seconds["total"]
-            out.append({**_compact(s), "why_not": "not compiled: estimated at no less than a plan that compiled over "
-                                                  "the budget" if skipped else _slower_because(s, chosen)})
+            faster = s.seconds["total"] < chosen.seconds["total"]
+            if faster and s.memory["total"] >= ceiling:
+                why_not = "not compiled: estimated at no less than a plan that compiled over the budget"
+            elif faster and rejected:
+                why_not = ("estimated faster, not compiled: after the plans above compiled over the budget, the "
+                           "smallest estimates were compiled")
+            else:
+                why_not = _slower_because(s, chosen)
+            out.append({**_compact(s), "why_not": why_not})
     faster_over = [s for s in over if s.seconds["total"] < chosen.seconds["total"]]
     faster_over.sort(key=lambda s: s.seconds["total"])
     for s in faster_over[:2]:

@@ -111,15 +111,17 @@ def next_to_compile(fits: list[Scored], over: list[Scored], budget: int, target_
     queue = ([first] if first else []) + fits
     tried: set[int] = set()
     while len(tried) < MAX_VERIFIES:
-        ceiling = compile_ceiling(rejected)
-        s = next((s for s in queue if id(s) not in tried and s.memory["total"] < ceiling), None)
+        ceiling, over_layouts = compile_ceiling(rejected), {layout(r) for r, _ in rejected}
+        s = next((s for s in queue if id(s) not in tried and s.memory["total"] < ceiling
+                  and layout(s) not in over_layouts), None)
         if s is None:
             break
         tried.add(id(s))
         yield s
     if target_compiler and rejected and len(rejected) == len(tried):  # every compile over: the estimates run low
-        ceiling = compile_ceiling(rejected)
-        yield from smallest_layouts(sorted((s for s in fits if id(s) not in tried and s.memory["total"] < ceiling),
+        ceiling, over_layouts = compile_ceiling(rejected), {layout(r) for r, _ in rejected}
+        yield from smallest_layouts(sorted((s for s in fits if id(s) not in tried and s.memory["total"] < ceiling
+                                            and layout(s) not in over_layouts),
                                            key=lambda s: (s.memory["total"], s.candidate.key)))
 
 
@@ -150,12 +152,16 @@ def smallest_layouts(scored: list[Scored]):
     worth a compile of its own), at most MAX_VERIFIES; the caller keeps the first the compiler fits."""
     layouts = set()
     for s in scored:
-        layout = (s.candidate.mesh, s.candidate.micro_batches, s.candidate.remat)
-        if layout not in layouts:
-            layouts.add(layout)
+        if layout(s) not in layouts:
+            layouts.add(layout(s))
             yield s
             if len(layouts) == MAX_VERIFIES:
                 return
+
+
+def layout(s: Scored) -> tuple:
+    """What a compile tells about: the mesh, micro-batches and remat (the loss mode changes little)."""
+    return s.candidate.mesh, s.candidate.micro_batches, s.candidate.remat
 
 
 def smallest_flavor(config, batch_size, seq_len, hardware, memory_fraction, fixed: Fixed, start: int,
