@@ -25,7 +25,9 @@ def slower(alt, chosen) -> str:
     """How much slower `alt`'s estimated step is than the chosen plan's ("12.3% slower"); a plan estimated faster
     that was not chosen (it compiled over the budget, or lost as compiled) is said to be so."""
     ratio = alt.seconds["total"] / chosen.seconds["total"] - 1
-    return f"{ratio:.1%} slower" if ratio >= 0 else f"estimated {-ratio:.1%} faster but not chosen (see the alternatives)"
+    if ratio >= 0:
+        return f"{ratio:.1%} slower"
+    return f"estimated {-ratio:.1%} faster but not chosen (see the alternatives)"
 
 
 def _slower_because(alt, chosen) -> str:

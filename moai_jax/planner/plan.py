@@ -10,8 +10,8 @@ import json
 from typing import Any
 
 from moai_jax.sharding.infer import describe
-from moai_jax.sizes import format_bytes
 from moai_jax.sharding.mesh import MeshShape
+from moai_jax.sizes import format_bytes
 
 LOSS_MODES = ("whole", "chunked")
 

@@ -26,8 +26,9 @@
                    backward, and the last stage's outputs handed to the head: on the critical path
     expert         under expert parallelism, each MoE layer's token-expert pairs sent to the experts'
                    devices and back by all-to-all, forward and backward: on the critical path
-                   (planner/experts.py); on a GPU also the grouped matmul's loop steps (its blocks). A MoE model's compute counts its active parameters (the router
-                   and the k experts a token is routed to); outside the MoE layers `expert` splits the
+                   (planner/experts.py); on a GPU also the grouped matmul's loop steps (its blocks).
+                   A MoE model's compute counts its active parameters (the router and the k experts a
+                   token is routed to); outside the MoE layers `expert` splits the
                    batch and shards the weights like fsdp, while the experts' weights stay on their devices
 Each axis uses the link it spans: devices are laid out tensor innermost, then context, expert, fsdp,
 data and stage, so an axis whose group (with the axes inside it) exceeds a host crosses the slower inter-host
