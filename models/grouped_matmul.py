@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 MAX_BLOCK = 512  # rows a block at most (tensor-core tiles are 64–256 rows; larger blocks mean fewer loop steps)
-PADDING_SHARE = 4  # blocks are small enough that one a group is at most 1/4 of the rows
+PADDING_SHARE = 4  # a block for every group is at most 1 / PADDING_SHARE of the rows (the padding's worst case)
 
 
 def block_rows(rows: int, groups: int) -> int:
@@ -106,7 +106,7 @@ def _vary_alike(*arrays):
 
 def _varying(a) -> frozenset:
     aval = jax.typeof(a)
-    mat = getattr(aval, "mat", None)  # jax 0.10: aval.mat.varying; earlier: aval.vma
+    mat = getattr(aval, "mat", None)  # jax 0.10: aval.mat.varying (aval.vma before it)
     return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
 
 
