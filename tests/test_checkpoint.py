@@ -106,6 +106,9 @@ def in_save(ckpt: Path) -> bool:
     return ckpt.is_dir() and any("orbax-checkpoint-tmp" in name for name in os.listdir(ckpt))
 
 
+KILLS_IN_A_SAVE = 3  # each kill is a fresh process (start, restore, compile from the cache): ~10 s of the suite
+
+
 def test_kill_9_during_saves_leaves_the_last_checkpoint(tmp_path):
     """Saving every step, kill -9 the run at random moments while a save is being written; each time
     --resume restores the newest complete checkpoint, and re-run steps repeat their losses exactly."""
@@ -138,9 +141,9 @@ def test_kill_9_during_saves_leaves_the_last_checkpoint(tmp_path):
         for record in map(json.loads, metrics.read_text().splitlines()):
             seen.setdefault(record["step"], []).append(record["loss"])
         metrics.unlink()
-        if kills >= 5:
+        if kills >= KILLS_IN_A_SAVE:
             break
-    assert kills >= 5, f"only {kills} of {attempt + 1} kills landed during a save"
+    assert kills >= KILLS_IN_A_SAVE, f"only {kills} of {attempt + 1} kills landed during a save"
     done = finetune(*args, "--resume")
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"Resumed from the checkpoint of step {last}" in done.stdout
