@@ -10,8 +10,10 @@ Three ways to compute it, the same function (up to rounding) when nothing is dro
   E/k times the FLOPs of the routed work, but plain einsums: on XLA:CPU, where `jax.lax.ragged_dot` is
   lowered as a masked dense dot over all groups (k times more still), it is the faster one (measured in
   docs/moe.md), so "auto" picks it on CPU.
-- "sorted": the token-expert pairs sorted by expert and run as a grouped matmul (`jax.lax.ragged_dot`),
-  dropless; "auto" picks it on GPU and TPU. Under data or fsdp it runs in a `jax.shard_map` over them, on each
+- "sorted": the token-expert pairs sorted by expert and run as a grouped matmul, dropless; "auto" picks it on
+  GPU and TPU. The grouped matmul is `jax.lax.ragged_dot` on a TPU (its grouped kernel) and in a pipeline's
+  stages; elsewhere the blocks of models/grouped_matmul.py, which run only the routed rows (XLA's GPU
+  `ragged_dot` is one dense dot over every expert). Under data or fsdp it runs in a `jax.shard_map` over them, on each
   device's own tokens (GSPMD cannot split ragged_dot's rows: it would gather them and run every token everywhere).
 - expert parallelism, whenever the active logical sharding splits `experts` over a mesh axis: inside a
   `jax.shard_map` manual over the axes that split the batch (data, fsdp, expert) and a pipeline's stages (the rest
@@ -228,13 +230,18 @@ def _grouped_experts(rows_RD, expert_R, weights, activation, expected_rows: int 
     sizes_E = jnp.bincount(expert_R, length=experts + 1)[:experts].astype(jnp.int32)
     x_RD = rows_RD[order_R]
     if _platform() == "tpu" or manual_axes():  # manual_axes(): the axes an enclosing vmap maps over
-        h_RF = activation(_grouped(x_RD, gate, sizes_E)) * _grouped(x_RD, up, sizes_E)
-        y_RD = _grouped(h_RF, down, sizes_E)
+        def times(x, w):
+            return jax.lax.ragged_dot(x, w, sizes_E)
+        h_RF = activation(_projected(x_RD, gate, times)) * _projected(x_RD, up, times)
+        y_RD = _projected(h_RF, down, times)
     else:
         blocks = grouped_matmul.Blocks.of(sizes_E, x_RD.shape[0], expected_rows)
+
+        def times(x, w):
+            return grouped_matmul.matmul(x, w, blocks)
         x_NBD = blocks.pad(x_RD)
-        h_NBF = activation(_blockwise(x_NBD, gate, blocks)) * _blockwise(x_NBD, up, blocks)
-        y_RD = blocks.unpad(_blockwise(h_NBF, down, blocks))
+        h_NBF = activation(_projected(x_NBD, gate, times)) * _projected(x_NBD, up, times)
+        y_RD = blocks.unpad(_projected(h_NBF, down, times))
     return jnp.zeros_like(y_RD).at[order_R].set(y_RD)
 
 
@@ -243,18 +250,9 @@ def _platform() -> str:
     return (jax.devices()[0] if mesh is None else mesh.devices.flat[0]).platform
 
 
-def _grouped(x_RI, projection, sizes_E):
-    """A projection (weight[, A, B]) of rows sorted by expert, `sizes_E` rows each: grouped matmuls."""
-    y_RO = jax.lax.ragged_dot(x_RI, projection[0], sizes_E)
+def _projected(x, projection, times):
+    """A projection (weight[, A, B]) of rows sorted by expert, `times(x, w)` the grouped matmul."""
+    y = times(x, projection[0])
     if len(projection) == 3:
-        y_RO = y_RO + jax.lax.ragged_dot(jax.lax.ragged_dot(x_RI, projection[1], sizes_E), projection[2], sizes_E)
-    return y_RO
-
-
-def _blockwise(x_NBI, projection, blocks):
-    """A projection (weight[, A, B]) of rows in blocks of one expert each (`blocks`)."""
-    y_NBO = grouped_matmul.matmul(x_NBI, projection[0], blocks)
-    if len(projection) == 3:
-        xa_NBR = grouped_matmul.matmul(x_NBI, projection[1], blocks)
-        y_NBO = y_NBO + grouped_matmul.matmul(xa_NBR, projection[2], blocks)
-    return y_NBO
+        y = y + times(times(x, projection[1]), projection[2])
+    return y

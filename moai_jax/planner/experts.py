@@ -73,8 +73,7 @@ def moe_param_shapes(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], tu
 def layer_expert_elements(config: ModelConfig, mesh: MeshShape) -> float:
     """One MoE layer's router and experts as one device of the `expert` axis holds them (before fsdp)."""
     c = config
-    experts = c.num_experts // mesh.expert if c.num_experts % mesh.expert == 0 else c.num_experts
-    return c.hidden_size * c.num_experts + experts * 3 * c.hidden_size * c.expert_size
+    return c.hidden_size * c.num_experts + local_experts(c, mesh) * 3 * c.hidden_size * c.expert_size
 
 
 def path(family: str, mesh: MeshShape) -> str:
@@ -122,7 +121,8 @@ def experts_bytes(config: ModelConfig, tokens: float, mesh: MeshShape, layers: f
         expanded = (local - 1) * rows * (expand_d * c.hidden_size + expand_f * width) * compute_bytes
     elif family in BLOCKS and path(family, mesh) == "blocks":
         block_d, block_f = BLOCKS[family]
-        padded = block_count(int(rows), local, block(c, tokens, mesh)) * block(c, tokens, mesh)
+        size = block(c, tokens, mesh)
+        padded = block_count(int(rows), local, size) * size
         expanded = padded * (block_d * c.hidden_size + block_f * width) * compute_bytes
     if family in GATHERED_EXPERT_BYTES and mesh.fsdp * mesh.context > 1:
         expanded += GATHERED_EXPERT_BYTES[family] * local * 3 * c.hidden_size * width
@@ -130,6 +130,7 @@ def experts_bytes(config: ModelConfig, tokens: float, mesh: MeshShape, layers: f
 
 
 def local_experts(config: ModelConfig, mesh: MeshShape) -> int:
+    """The experts one device of the `expert` axis holds."""
     c = config
     return c.num_experts // mesh.expert if c.num_experts % mesh.expert == 0 else c.num_experts
 

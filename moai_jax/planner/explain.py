@@ -11,7 +11,6 @@ from moai_jax.sharding.mesh import MeshShape
 from moai_jax.sizes import format_bytes
 
 TOP_ALTERNATIVES = 5
-ABOUT_AS_FAST = "about as fast; the chosen layout is simpler"
 
 
 def _compact(s) -> dict[str, Any]:
@@ -43,7 +42,7 @@ def _slower_because(alt, chosen) -> str:
              "expert-parallel all-to-alls": a.get("expert", 0) - c.get("expert", 0)}
     cause = max(parts, key=parts.get)
     if ratio <= 0:
-        return ABOUT_AS_FAST
+        return "about as fast; the chosen layout is simpler"
     return f"{ratio:.1%} slower: {cause}"
 
 
@@ -54,7 +53,7 @@ def step_seconds(plan: Plan) -> float:
 
 def lost_as_compiled(best: Plan, others: list[Plan], estimated: list[dict[str, Any]]) -> tuple[dict[str, Any], ...]:
     """`best`'s alternatives: the other plans compiled within the budget, each losing by its step as compiled,
-    then the `estimated` ones (a near-tie estimated faster, not compiled, lost to the compiled steps' evidence)."""
+    then the `estimated` ones (`alternatives(..., ranked_as_compiled=True)`)."""
     def key(a):
         return tuple(sorted(a["mesh"].items())), a["micro_batches"], a["remat"], a["loss"]
 
@@ -64,11 +63,7 @@ def lost_as_compiled(best: Plan, others: list[Plan], estimated: list[dict[str, A
              "why_not": f"compiled: {step_seconds(p):.3f} s a step as compiled, over the chosen plan's "
                         f"{step_seconds(best):.3f} s"} for p in others]
     shown = {key(a) for a in lost}
-    faster = "estimated faster, not compiled: the compiled plans were ranked by their steps as compiled"
-    rest = [{**a, "why_not": faster} if a["why_not"] == ABOUT_AS_FAST
-            and a["estimated_step_seconds"] < best.estimated_step_seconds["total"] else a
-            for a in estimated if key(a) not in shown]
-    return (*lost, *rest)
+    return (*lost, *(a for a in estimated if key(a) not in shown))
 
 
 def compile_ceiling(rejected) -> float:
@@ -77,8 +72,9 @@ def compile_ceiling(rejected) -> float:
     return min((r.memory["total"] for r, _ in rejected), default=math.inf)
 
 
-def alternatives(chosen, fits, over, budget: int, rejected) -> list[dict[str, Any]]:
-    """The top alternatives after `chosen`, each with why it lost."""
+def alternatives(chosen, fits, over, budget: int, rejected, ranked_as_compiled: bool = False) -> list[dict[str, Any]]:
+    """The top alternatives after `chosen`, each with why it lost (`ranked_as_compiled`: `chosen` won among
+    plans compiled within the budget by their steps as compiled)."""
     out = [{**_compact(s), "why_not": reason} for s, reason in rejected]
     ceiling = compile_ceiling(rejected)
     for s in fits:
@@ -91,6 +87,8 @@ def alternatives(chosen, fits, over, budget: int, rejected) -> list[dict[str, An
             elif faster and rejected:
                 why_not = ("estimated faster, not compiled: after the plans above compiled over the budget, the "
                            "smallest estimates were compiled")
+            elif faster and ranked_as_compiled:
+                why_not = "estimated faster, not compiled: the compiled plans were ranked by their steps as compiled"
             else:
                 why_not = _slower_because(s, chosen)
             out.append({**_compact(s), "why_not": why_not})

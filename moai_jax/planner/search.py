@@ -110,18 +110,19 @@ def next_to_compile(fits: list[Scored], over: list[Scored], budget: int, target_
     first = within_tolerance(fits, over, budget) if target_compiler else None
     queue = ([first] if first else []) + fits
     tried: set[int] = set()
+
+    def worth_a_compile(s: Scored) -> bool:  # not tried, and below and unlike every compile over the budget
+        return (id(s) not in tried and s.memory["total"] < compile_ceiling(rejected)
+                and all(layout(s) != layout(r) for r, _ in rejected))
+
     while len(tried) < MAX_VERIFIES:
-        ceiling, over_layouts = compile_ceiling(rejected), {layout(r) for r, _ in rejected}
-        s = next((s for s in queue if id(s) not in tried and s.memory["total"] < ceiling
-                  and layout(s) not in over_layouts), None)
+        s = next(filter(worth_a_compile, queue), None)
         if s is None:
             break
         tried.add(id(s))
         yield s
     if target_compiler and rejected and len(rejected) == len(tried):  # every compile over: the estimates run low
-        ceiling, over_layouts = compile_ceiling(rejected), {layout(r) for r, _ in rejected}
-        yield from smallest_layouts(sorted((s for s in fits if id(s) not in tried and s.memory["total"] < ceiling
-                                            and layout(s) not in over_layouts),
+        yield from smallest_layouts(sorted(filter(worth_a_compile, fits),
                                            key=lambda s: (s.memory["total"], s.candidate.key)))
 
 
@@ -300,7 +301,8 @@ def plan(model_config: ModelConfig, batch_size: int, seq_len: int, accelerator: 
                             f"{format_bytes(budget)} budget" + (f" ({result.error})" if result.error else "")))
 
     if fitted:
-        return fastest_as_compiled(fitted, start, lambda c: alternatives(c, fits, over, budget, rejected))
+        return fastest_as_compiled(fitted, start,
+                                   lambda c: alternatives(c, fits, over, budget, rejected, ranked_as_compiled=True))
     nearest = min(range(len(compiled)), key=lambda i: compiled[i].bytes_per_device) if compiled else None
     best = rejected[nearest][0] if compiled else over[0]  # the compile nearest the budget, or the smallest estimate
     needed = max(compiled[nearest].bytes_per_device if compiled else best.memory["total"], budget + 1)
