@@ -18,6 +18,7 @@ from flax import nnx
 
 from moai_jax import distributed
 from moai_jax.checkpoint import load_model
+from moai_jax.sharding.mesh import MeshShape
 
 # one xdist worker runs these tests (--dist loadgroup): they share each mesh's one- and two-process runs
 pytestmark = pytest.mark.xdist_group("distributed")
@@ -33,10 +34,10 @@ ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "MOAI_INIT_TIMEOUT": "60"}
 MESHES = ("data=2,fsdp=2,tensor=2", "fsdp=8")
 
 
-def launch(processes: int, *args, all_output: bool = False, **kwargs):
+def launch(processes: int, *args, all_output: bool = False, script: Path = FINETUNE, **kwargs):
     """`python -m moai_jax.launch --processes N -- scripts/finetune.py ...` as a user types it."""
     command = [sys.executable, "-m", "moai_jax.launch", "--processes", str(processes),
-               *(["--all-output"] if all_output else []), "--", str(FINETUNE), *RUN, *map(str, args)]
+               *(["--all-output"] if all_output else []), "--", str(script), *RUN, *map(str, args)]
     return subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=900, **kwargs)
 
 
@@ -66,34 +67,35 @@ def same_training(got: dict[int, float], want: dict[int, float], steps) -> None:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """mesh → (folder, launcher output) of 10 steps in 2 processes × 4 devices (`two`) and in this
-    process × 8 devices (`one`), each saving checkpoints at steps 5 and 10; each mesh runs once."""
-    runs = {}
+    """mesh → (folder, its part of the launcher's output) of 10 steps in 2 processes × 4 devices (`two`) and
+    in this process × 8 devices (`one`), each saving checkpoints at steps 5 and 10. One launch trains every
+    mesh in turn (tests/finetune_runs.py: the processes start once), showing both processes' output."""
+    outs = {mesh: tmp_path_factory.mktemp(mesh.replace(",", "_").replace("=", "")) for mesh in MESHES}
 
-    def run(mesh: str):
-        if mesh not in runs:
-            out = tmp_path_factory.mktemp(mesh.replace(",", "_").replace("=", ""))
-            export = lambda name: ["--save-model-dir", out / f"{name}-hf"] if mesh == MESHES[1] else []  # noqa: E731
-            two = launch(2, "--flavor", 8, "--mesh", mesh, "--checkpoint-dir", out / "two", "--metrics-file",
-                         out / "two.jsonl", *export("two"), all_output=mesh == MESHES[0])
-            assert two.returncode == 0, two.stderr[-3000:]
-            finetune_here("--flavor", 8, "--mesh", mesh, "--checkpoint-dir", out / "one", "--metrics-file",
-                          out / "one.jsonl", *export("one"))
-            runs[mesh] = out, two
-        return runs[mesh]
+    def args(mesh: str, name: str) -> list:  # the Hugging Face export: on fsdp=8
+        out = outs[mesh]
+        return ["--flavor", 8, "--mesh", mesh, "--checkpoint-dir", out / name, "--metrics-file", out / f"{name}.jsonl",
+                *(["--save-model-dir", out / f"{name}-hf"] if mesh == MESHES[1] else [])]
 
-    return run
+    two = launch(2, *args(MESHES[0], "two"), "--then", *RUN, *args(MESHES[1], "two"), all_output=True,
+                 script=ROOT / "tests" / "finetune_runs.py")
+    assert two.returncode == 0, two.stderr[-3000:]
+    header = "[0] moai_jax: llama tiny on 8 simulated CPU devices"
+    outputs = [header + part for part in two.stdout.split(header)[1:]]  # process 0 prints a header per run
+    assert len(outputs) == len(MESHES), two.stdout[-3000:]
+    for mesh in MESHES:
+        finetune_here(*args(mesh, "one"))
+    return lambda mesh: (outs[mesh], outputs[MESHES.index(mesh)])
 
 
 @pytest.mark.parametrize("mesh", MESHES)
 def test_two_processes_train_as_one(mesh, trained):
     """2 processes × 4 devices = 1 process × 8: the same losses and final parameters, and one step
     line and one metrics line per step (process 1 prints none)."""
-    out, two = trained(mesh)
-    prefix = "[0] " if mesh == MESHES[0] else ""  # that run shows every process's output
-    steps = [line for line in two.stdout.splitlines() if "[Step " in line]
-    assert [line.split("/")[0] for line in steps] == [f"{prefix}[Step {s}" for s in range(1, 11)]
-    assert "moai_jax: llama tiny on 8 simulated CPU devices" in two.stdout
+    out, printed = trained(mesh)
+    steps = [line for line in printed.splitlines() if "[Step " in line]
+    assert [line.split("/")[0] for line in steps] == [f"[0] [Step {s}" for s in range(1, 11)]
+    assert f"| mesh {MeshShape.parse(mesh)} |" in printed.splitlines()[0]
     assert [json.loads(line)["step"] for line in (out / "two.jsonl").read_text().splitlines()] == list(range(1, 11))
     same_training(losses(out / "two.jsonl"), losses(out / "one.jsonl"), range(1, 11))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
@@ -163,6 +165,8 @@ def test_checkpoint_of_one_process_resumes_in_two_and_survives_a_kill(trained, t
     assert again.returncode == 0, again.stderr[-3000:]
     last = int(again.stdout.split("Resumed from the checkpoint of step ")[1].split()[0])
     assert 6 <= last < 10  # a checkpoint of the killed job
+    steps = [line.split("/")[0] for line in again.stdout.splitlines() if "[Step " in line]
+    assert steps == [f"[Step {s}" for s in range(last + 1, 11)]  # process 0's output only, unprefixed
     resumed = losses(tmp_path / "metrics.jsonl")
     assert sorted(resumed) == list(range(last + 1, 11))
     same_training({**first, **resumed}, losses(run / "one.jsonl"), range(6, 11))  # re-run steps: the same

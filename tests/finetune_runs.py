@@ -1,0 +1,16 @@
+"""scripts/finetune.py's main once per group of arguments, the groups separated by `--then`: several trainings
+in the same processes of one job, which start (import, join, load the data) once. Run by test_distributed:
+`python -m moai_jax.launch --processes 2 -- tests/finetune_runs.py ARGS --then ARGS`; exits with the first
+nonzero status."""
+
+import sys
+from importlib.util import module_from_spec, spec_from_file_location
+from pathlib import Path
+
+spec = spec_from_file_location("finetune", Path(__file__).resolve().parents[1] / "scripts" / "finetune.py")
+finetune = module_from_spec(spec)
+spec.loader.exec_module(finetune)
+groups = [[]]
+for arg in sys.argv[1:]:
+    groups.append([]) if arg == "--then" else groups[-1].append(arg)
+sys.exit(next((status for status in map(finetune.main, groups) if status), 0))
