@@ -24,6 +24,7 @@ from moai_jax.targets import GpuTarget, Target, TpuTarget
 
 GB = 10**9
 GiB = 2**30
+PCIE5 = 64 * GB  # PCIe 5.0 x16 between a GPU and its host, nominal, one direction
 MAX_SIMULATED_DEVICES = 1024  # beyond this, XLA takes minutes and gigabytes just to create the CPU devices
 
 
@@ -38,23 +39,27 @@ class Hardware:
     inter_host_bandwidth: float  # bytes/s per device across hosts (InfiniBand, DCN)
     devices_per_host: int
     target: Target | None = None  # what to compile for when the hardware is not attached (None: simulate on CPU)
+    # bytes/s per device, one direction, between its memory and its host's (an offloaded optimizer state's
+    # moments cross it twice a step): PCIe 4.0 x16's nominal 32 GB/s, or PCIE5
+    host_link_bandwidth: float = 32 * GB
 
 
 HARDWARE = {
     h.name: h
     for h in (
-        Hardware("h100", 80 * GB, 989e12, 450 * GB, 50 * GB, 8, GpuTarget("h100_sxm")),
-        Hardware("h100-sxm", 80 * GB, 989e12, 450 * GB, 50 * GB, 8, GpuTarget("h100_sxm")),
-        Hardware("h100-pcie", 80 * GB, 756e12, 64 * GB, 50 * GB, 8, GpuTarget("h100_pcie")),  # PCIe 5.0 x16 links
+        Hardware("h100", 80 * GB, 989e12, 450 * GB, 50 * GB, 8, GpuTarget("h100_sxm"), host_link_bandwidth=PCIE5),
+        Hardware("h100-sxm", 80 * GB, 989e12, 450 * GB, 50 * GB, 8, GpuTarget("h100_sxm"), host_link_bandwidth=PCIE5),
+        # PCIe 5.0 x16 links between the GPUs too
+        Hardware("h100-pcie", 80 * GB, 756e12, 64 * GB, 50 * GB, 8, GpuTarget("h100_pcie"), host_link_bandwidth=PCIE5),
         # torchtitan's H100 (Grand Teton): 96 GB HBM2e at a 500 W limit, its peak "between SXM and NVL":
         # taken at the NVL's 835 TFLOP/s; compiled for as an H100 SXM
-        Hardware("h100-96gb", 96 * GB, 835e12, 450 * GB, 50 * GB, 8, GpuTarget("h100_sxm")),
-        Hardware("h200", 141 * GB, 989e12, 450 * GB, 50 * GB, 8, GpuTarget("h200")),
-        Hardware("b200", 180 * GB, 2250e12, 900 * GB, 50 * GB, 8, GpuTarget("b200")),
+        Hardware("h100-96gb", 96 * GB, 835e12, 450 * GB, 50 * GB, 8, GpuTarget("h100_sxm"), host_link_bandwidth=PCIE5),
+        Hardware("h200", 141 * GB, 989e12, 450 * GB, 50 * GB, 8, GpuTarget("h200"), host_link_bandwidth=PCIE5),
+        Hardware("b200", 180 * GB, 2250e12, 900 * GB, 50 * GB, 8, GpuTarget("b200"), host_link_bandwidth=PCIE5),
         Hardware("a100-80gb", 80 * GB, 312e12, 300 * GB, 25 * GB, 8, GpuTarget("a100_sxm_80")),
         Hardware("a100-40gb", 40 * GB, 312e12, 300 * GB, 25 * GB, 8, GpuTarget("a100_sxm_40")),
         Hardware("mi250", 64 * GB, 181e12, 100 * GB, 25 * GB, 8),  # one MI250 die, as MoAI counts
-        Hardware("mi300x", 192 * GB, 1307e12, 448 * GB, 50 * GB, 8),
+        Hardware("mi300x", 192 * GB, 1307e12, 448 * GB, 50 * GB, 8, host_link_bandwidth=PCIE5),
         Hardware("tpu-v5e", 16 * GB, 197e12, 200 * GB, 25 * GB, 8, TpuTarget("v5e")),
         Hardware("tpu-v5p", 95 * GB, 459e12, 600 * GB, 25 * GB, 4, TpuTarget("v5", "megacore", dims=3)),
         Hardware("tpu-v6e", 32 * GB, 918e12, 448 * GB, 25 * GB, 8, TpuTarget("v6e")),

@@ -25,6 +25,7 @@ from flax import nnx
 from jax._src import config as jax_config
 from jax.sharding import NamedSharding, PartitionSpec
 
+from moai_jax import offload
 from moai_jax.errors import FlavorError
 from moai_jax.models import attention as attention_lib
 from moai_jax.models import moe as moe_lib
@@ -56,7 +57,7 @@ class Verified:
 def layout(plan: Plan) -> tuple:
     """What decides a plan's compiled step (estimates and explanations aside)."""
     return (plan.mesh, plan.batch_size, plan.seq_len, plan.micro_batches, plan.remat, plan.loss, plan.compute_dtype,
-            plan.param_dtype)
+            plan.param_dtype, plan.offload_optimizer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +73,7 @@ class StepParts:
     abstract_rest: Any
     step: Any
     eval: Any
+    offloaded: Any = None  # under offload_optimizer: True for the optimizer state's leaves in host memory
 
 
 def pipeline_micro_batches(model: nnx.Module, plan: Plan) -> int:
@@ -128,6 +130,9 @@ def build_step(abstract: nnx.Module, optimizer: optax.GradientTransformation, pl
     opt_shapes = jax.eval_shape(optimizer.init, param_shapes)
     opt_shardings = optax.tree_map_params(optimizer, lambda _, s: s, opt_shapes, param_shardings,
                                           transform_non_params=lambda _: replicated)
+    offloaded = offload.offloaded_leaves(optimizer, opt_shapes, param_shapes) if plan.offload_optimizer else None
+    if offloaded is not None:
+        opt_shardings = offload.in_host_memory(opt_shardings, offloaded)
     state_shardings = TrainState(params=param_shardings, opt_state=opt_shardings, step=replicated)
     shaped = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
     abstract_state = jax.tree.map(shaped, TrainState(params=param_shapes, opt_state=opt_shapes,
@@ -147,14 +152,14 @@ def build_step(abstract: nnx.Module, optimizer: optax.GradientTransformation, pl
 
     loss = model_loss(abstract, loss_fn, LOSS_CHUNK if plan.loss == "chunked" else None)
     train = functools.partial(train_step, tx=optimizer, loss=loss, micro_batches=accumulate,
-                              remat_policy=remat_policy, grad_shardings=param_shardings)
+                              remat_policy=remat_policy, grad_shardings=param_shardings, offloaded=offloaded)
     evaluate = functools.partial(eval_step, loss=loss)
     step = jax.jit(traced(train), in_shardings=(state_shardings, batch_sharding, rest_shardings),
                    out_shardings=(state_shardings, replicated), donate_argnums=0)
     evaluation = jax.jit(traced(evaluate), in_shardings=(param_shardings, batch_sharding, rest_shardings),
                          out_shardings=replicated)
     return StepParts(graphdef, param_shardings, state_shardings, batch_sharding, replicated, abstract_state,
-                     abstract_rest, step, evaluation)
+                     abstract_rest, step, evaluation, offloaded)
 
 
 def compiled_bytes(compiled) -> int:
@@ -204,6 +209,11 @@ def compile_step(plan: Plan, model: nnx.Module, devices: Sequence[jax.Device],
     specs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=parts.batch_sharding)
              for k, v in (batch or batch_spec(plan, batch_keys)).items()}
     lowered = parts.step.lower(parts.abstract_state, specs, parts.abstract_rest)
+    if parts.offloaded is not None:  # compile-only devices dropped the state's host memory kind
+        in_host = TrainState(params=jax.tree.map(lambda _: False, parts.abstract_state.params),
+                             opt_state=parts.offloaded, step=False)
+        offload.mark_host_arguments(lowered, jax.tree.leaves(in_host)
+                                    + [False] * len(jax.tree.leaves((specs, parts.abstract_rest))))
     device = mesh.devices.flat[0]
     with contextlib.nullcontext() if device in jax.devices() else without_persistent_cache():
         compiled = lowered.compile()

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
+from moai_jax import offload
 from moai_jax.errors import DataError, ModelError
 from moai_jax.models.config import ModelConfig
 from moai_jax.models.moe import router_losses
@@ -146,10 +147,12 @@ def split_micro_batches(batch: dict[str, jax.Array], micro_batches: int) -> dict
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef, rest: Any,
                tx: optax.GradientTransformation, loss: LossFn, micro_batches: int = 1, remat_policy: Any = None,
-               grad_shardings: Any = None) -> tuple[TrainState, dict[str, jax.Array]]:
+               grad_shardings: Any = None, offloaded: Any = None) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on a global batch, accumulating gradients over `micro_batches`.
 
-    `remat_policy`: a jax.checkpoint policy around the model's loss (models that do not remat themselves)."""
+    `remat_policy`: a jax.checkpoint policy around the model's loss (models that do not remat themselves).
+    `offloaded`: True for the optimizer state's leaves kept in host memory (`moai_jax.offload`), brought to
+    the devices for the update and sent back."""
     def objective(params, micro_batch):
         loss_sum, tokens, extra = _with_extra(loss(nnx.merge(graphdef, params, rest), micro_batch))
         return loss_sum.astype(jnp.float32), (jnp.asarray(tokens, jnp.float32), extra)
@@ -180,7 +183,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.
     grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
     if grad_shardings is not None:
         grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    opt_state = state.opt_state if offloaded is None else offload.to_devices(state.opt_state, offloaded, grads)
+    updates, opt_state = tx.update(grads, opt_state, state.params)
+    if offloaded is not None:
+        opt_state = offload.to_host(opt_state, offloaded)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss_sum * scale, "grad_norm": optax.tree.norm(grads), "tokens": tokens}
     metrics |= {k: v * scale for k, v in extra.items()}  # per-token means over the batch (router losses)

@@ -18,6 +18,9 @@ batches are not int32 [batch, length]. Its parameters are sharded by `rules` (re
 
 `lora=LoraConfig(r=8, alpha=16)` trains LoRA adapters on the frozen model instead of the model itself
 (`models/lora.py`); `params` then loads the base model, onto the frozen weights' shardings.
+
+`offload_optimizer=True` keeps AdamW's moments in host memory (`moai_jax/offload.py`), False on the devices;
+by default (None) the planner keeps them on the devices unless no plan fits there.
 """
 
 from __future__ import annotations
@@ -93,7 +96,7 @@ class Trainer:
                  params: Callable[[Any], nnx.Module | dict] | None = None, memory_fraction: float = 0.8,
                  loss_fn: Callable[[nnx.Module, dict], tuple[Any, Any]] | None = None, rules=None,
                  example_batch: Mapping[str, Any] | None = None, lora: lora_lib.LoraConfig | None = None,
-                 autotune: int = 0):
+                 autotune: int = 0, offload_optimizer: bool | None = None):
         accelerator.check_can_run()  # compile-only devices plan (moai_jax.plan) but run nothing
         self.accelerator, self.lora = accelerator, lora
         model = lora_lib.adapted(model, lora)
@@ -113,7 +116,7 @@ class Trainer:
             plan = self._autotune(autotune, model, abstract, optimizer, mesh, micro_batches, remat, memory_fraction,
                                   verified)
         self.plan = plan or self._auto_plan(abstract, optimizer, mesh, micro_batches, remat, memory_fraction,
-                                            verified)
+                                            verified, offload_optimizer)
         check_mesh(self.plan.mesh, accelerator.flavor, batch_size=batch_size, micro_batches=self.plan.micro_batches,
                    num_heads=getattr(self.config, "num_heads", None),
                    num_kv_heads=getattr(self.config, "num_kv_heads", None),
@@ -132,7 +135,8 @@ class Trainer:
         self._step, self._eval = parts.step, parts.eval
         self.state, self._rest = init_state(parts, model, optimizer, params, self.lora)
 
-    def _auto_plan(self, abstract, optimizer, mesh, micro_batches, remat, memory_fraction, verified) -> Plan:
+    def _auto_plan(self, abstract, optimizer, mesh, micro_batches, remat, memory_fraction, verified,
+                   offload_optimizer) -> Plan:
         """The planner's choice with the user's fixed knobs honored (a mesh string fixes all four axes).
         The planner verifies candidates with this model and optimizer; their compiles land in `verified`."""
         from moai_jax.planner import plan
@@ -149,6 +153,10 @@ class Trainer:
         if self.config is None:  # a model of the user's own: no formula, so candidates are compiled
             from moai_jax.planner.measured import plan_measured
 
+            if offload_optimizer:
+                raise FlavorError("offload_optimizer=True is planned for moai_jax's own models only; for a model "
+                                  "of your own give Trainer(..., plan=Plan(..., offload_optimizer=True))")
+
             return plan_measured(abstract, optimizer, self.example, self.seq_len, self.accelerator, memory_fraction,
                                  compile_candidate=compile_candidate, loss_fn=self.loss_fn, rules=self.rules,
                                  micro_batches=micro_batches, remat=remat, compute_dtype=dtype, **axes)
@@ -158,7 +166,7 @@ class Trainer:
 
         return plan(self.config, self.batch_size, self.seq_len, self.accelerator, memory_fraction,
                     micro_batches=micro_batches, remat=remat, compute_dtype=dtype, optimizer=optimizer,
-                    verifier=verifier, lora=self.lora, **axes)
+                    verifier=verifier, lora=self.lora, offload_optimizer=offload_optimizer, **axes)
 
     def _autotune(self, count, model, abstract, optimizer, mesh, micro_batches, remat, memory_fraction,
                   verified) -> Plan:

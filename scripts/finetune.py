@@ -62,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--micro-batches", type=int, default=None, help="split each step's batch into N micro-batches")
     p.add_argument("--remat", choices=("none", "matmuls", "full"), default=None,
                    help="recompute activations in backward: none, matmuls (save matmul outputs), full")
+    p.add_argument("--offload-optimizer", choices=("auto", "on", "off"), default="auto",
+                   help="keep AdamW's moments in host memory: on, off, or auto (only where no plan fits on the "
+                        "devices)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="compute dtype; parameters stay float32 (default: bfloat16 on GPU/TPU, float32 on CPU)")
     p.add_argument("--checkpoint-dir", default=None,
@@ -139,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
 
 def dry_run(args: argparse.Namespace, config, accelerator, dtype: str) -> int:
     """--dry-run: the plan the run would train with, verified by the compiler of its hardware; no step runs."""
+    from moai_jax.offload import CHOICES
     from moai_jax.planner import plan
     from moai_jax.planner.explain import table
     from moai_jax.planner.verify import verified_line
@@ -146,6 +150,7 @@ def dry_run(args: argparse.Namespace, config, accelerator, dtype: str) -> int:
 
     result = plan(config, args.batch_size, args.block_size, accelerator, args.memory_fraction,
                   micro_batches=args.micro_batches, remat=args.remat, compute_dtype=dtype, lora=args.lora,
+                  offload_optimizer=CHOICES[args.offload_optimizer],
                   **fixed_axes(args.mesh)[1])
     print(table(result) + "\n  " + verified_line(result))
     return 0
@@ -163,6 +168,7 @@ def train(args: argparse.Namespace, flavor: int, checkpoints, metrics_file) -> i
     from moai_jax.errors import SettingError
     from moai_jax.generation import SamplePrompts
     from moai_jax.metrics import StepTimer, step_line, summary
+    from moai_jax.offload import CHOICES
     from moai_jax.optimizer import adamw, learning_rate_schedule, warmup_length
     from moai_jax.trainer import Trainer
 
@@ -204,7 +210,8 @@ def train(args: argparse.Namespace, flavor: int, checkpoints, metrics_file) -> i
             ) if pretrained and (not args.resume or args.lora) else None  # a checkpoint holds all but a LoRA base
     trainer = Trainer(build, optimizer, args.batch_size, args.block_size, accelerator, args.mesh,
                       micro_batches=args.micro_batches, remat=args.remat, params=load,
-                      memory_fraction=args.memory_fraction, lora=args.lora, autotune=args.autotune)
+                      memory_fraction=args.memory_fraction, lora=args.lora, autotune=args.autotune,
+                      offload_optimizer=CHOICES[args.offload_optimizer])
     if trainer.autotune_report:
         print(trainer.autotune_report)
     where = f"{flavor} simulated CPU devices" if accelerator.simulated else f"{flavor} {accelerator.platform} device(s)"

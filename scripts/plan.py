@@ -33,6 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--remat", default=None, help="fix remat: none, matmuls, full (default: automatic)")
     p.add_argument("--loss", default=None, help="fix the loss: whole or chunked (default: automatic)")
     p.add_argument("--dtype", default=None, help="compute dtype (default: bfloat16, float32 on cpu)")
+    p.add_argument("--offload-optimizer", choices=("auto", "on", "off"), default="auto",
+                   help="keep AdamW's moments in host memory: on, off, or auto (only where no plan fits on the devices)")
     p.add_argument("--no-verify", action="store_true", help="rank only, skip the verifying compile")
     from moai_jax.models import lora
 
@@ -59,6 +61,7 @@ def run(args) -> int:
 
     from moai_jax.accelerator import Accelerator
     from moai_jax.models import ModelConfig
+    from moai_jax.offload import CHOICES
     from moai_jax.planner import plan
     from moai_jax.planner.explain import table
     from moai_jax.planner.verify import verified_line
@@ -78,7 +81,7 @@ def run(args) -> int:
         axes = {a: getattr(shape, a) for a in AXES if a in given}
     result = plan(config, args.batch_size, args.block_size, acc, args.memory_fraction, verify=not args.no_verify,
                   micro_batches=args.micro_batches, remat=args.remat, loss=args.loss, compute_dtype=args.dtype,
-                  lora=adapters, **axes)
+                  lora=adapters, offload_optimizer=CHOICES[args.offload_optimizer], **axes)
     text = result.to_json(indent=2)
     if distributed.join().process_id == 0:  # of several processes, process 0 writes and prints
         if args.dump:

@@ -135,6 +135,28 @@ def test_plan_script_json_and_errors(tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and len(bad.stderr.strip().splitlines()) == 1
 
 
+def test_where_nothing_fits_on_the_devices_the_optimizer_state_is_kept_in_host_memory():
+    def gpus(memory: str | None = None):  # 8 compile-only-like H100s, ranked with the GPU compiler's memory model
+        hardware = hardware_profile("h100", device_memory=parse_bytes(memory) if memory else None)
+        return types.SimpleNamespace(flavor=8, hardware=hardware, devices=[], family="gpu")
+
+    # on 24 GB GPUs llama3-8b's float32 weights, gradients and AdamW moments are 16 B a parameter, 15 GiB a device of
+    # the 17.9 GiB budget, and no plan fits; with the moments in host memory the best one does
+    with pytest.raises(NoPlanFits):
+        plan(LLAMA3_8B, 32, 1024, gpus("24GB"), verify=False, offload_optimizer=False)
+    p = plan(LLAMA3_8B, 32, 1024, gpus("24GB"), verify=False)
+    assert p.offload_optimizer and p.estimated_bytes_per_device["total"] <= p.budget_bytes_per_device
+    assert p.why.startswith("no plan fits with the optimizer state on the devices") and "host memory" in p.summary()
+    assert p.estimated_step_seconds["host"] > 0
+    forced = plan(LLAMA3_8B, 32, 1024, gpus("24GB"), verify=False, offload_optimizer=True)
+    assert (forced.mesh, forced.micro_batches, forced.remat) == (p.mesh, p.micro_batches, p.remat)
+    with pytest.raises(NoPlanFits, match="nor does any with the optimizer state in host memory"):
+        plan(LLAMA3_8B, 32, 1024, gpus("16GB"), verify=False)
+    # where the state fits on the devices it stays there: the moments' trips over the host link cost time
+    roomy = plan(LLAMA3_8B, 32, 1024, gpus(), verify=False)
+    assert not roomy.offload_optimizer and roomy.estimated_step_seconds["host"] == 0
+
+
 def test_where_the_estimates_run_low_the_smallest_layouts_are_compiled():
     """No estimate fits: one candidate per layout, smallest first. Every compile of the fastest fitting ones over
     the budget: then the smallest fitting estimates below them."""

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from moai_jax.accelerator import Accelerator
+from moai_jax.checkpoint import Checkpoints
 from moai_jax.models import Decoder, ModelConfig
 from moai_jax.optimizer import adamw
 from moai_jax.planner import Plan
@@ -43,11 +44,15 @@ def make_batches(steps=STEPS, batch=BATCH, seq=SEQ, seed=0):
     return out
 
 
-@functools.cache
-def train(mesh: str, micro_batches: int = 1, steps: int = STEPS):
+def make_trainer(mesh: str, micro_batches: int = 1, offload_optimizer: bool = False) -> Trainer:
     shape = MeshShape.parse(mesh)
-    trainer = Trainer(lambda: Decoder(CONFIG, rngs=nnx.Rngs(0), attention="xla"), adamw(1e-3), BATCH, SEQ,
-                      Accelerator(shape.size), shape, micro_batches=micro_batches)
+    return Trainer(lambda: Decoder(CONFIG, rngs=nnx.Rngs(0), attention="xla"), adamw(1e-3), BATCH, SEQ,
+                   Accelerator(shape.size), shape, micro_batches=micro_batches, offload_optimizer=offload_optimizer)
+
+
+@functools.cache
+def train(mesh: str, micro_batches: int = 1, steps: int = STEPS, offload_optimizer: bool = False):
+    trainer = make_trainer(mesh, micro_batches, offload_optimizer)
     losses = [float(trainer.step(b)["loss"]) for b in make_batches(steps)]
     return np.array(losses), jax.device_get(trainer.state.params), trainer
 
@@ -80,6 +85,27 @@ def test_fsdp_really_shards_parameters_and_adam_moments():
             shards = x.addressable_shards
             assert len(shards) == 8, jax.tree_util.keystr(path)
             assert all(s.data.size * 8 == x.size for s in shards), jax.tree_util.keystr(path)
+
+
+def test_optimizer_state_in_host_memory_trains_and_resumes_the_same(tmp_path):
+    losses, params, on_devices = train("fsdp=8")
+    host_losses, host_params, trainer = train("fsdp=8", offload_optimizer=True)
+    assert trainer.plan.offload_optimizer
+    np.testing.assert_allclose(host_losses, losses, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), host_params, params)
+    adam = trainer.state.opt_state[-1][0]  # chain(clip, adamw) → adamw's ScaleByAdamState
+    assert {x.sharding.memory_kind for x in jax.tree.leaves((adam.mu, adam.nu))} == {"pinned_host"}
+    assert adam.count.sharding.memory_kind == "device"
+    # saved from host memory, resumed with the state on the devices or in host memory again: the same moments
+    with Checkpoints(tmp_path / "ckpt") as checkpoints:
+        checkpoints.save(trainer, STEPS)
+        checkpoints.wait()
+        for offload, kinds in ((False, {"device"}), (True, {"device", "pinned_host"})):
+            resumed = make_trainer("fsdp=8", offload_optimizer=offload)
+            checkpoints.restore(resumed)
+            jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.state.opt_state),
+                         jax.device_get(trainer.state.opt_state))
+            assert {x.sharding.memory_kind for x in jax.tree.leaves(resumed.state.opt_state)} == kinds
 
 
 def test_peak_bytes_fall_as_fsdp_grows():

@@ -4,7 +4,8 @@ stage × data × fsdp × expert × context × tensor = flavor (stages dividing t
 a MoE model's experts; context splitting each sequence into 2 × context chunks; tensor
 inside one host and dividing the key/value heads), × remat (none / matmuls / full), × micro-batches (dividing the batch
 so every micro-batch splits evenly over data × fsdp × expert; at least one per stage under a pipeline),
-× loss (whole logits, or chunked over the sequence).
+× loss (whole logits, or chunked over the sequence); the optimizer state on the devices, or in host memory
+where the search asks for it (`Fixed.offload_optimizer`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class Fixed:
     stage: int | None = None
     expert: int | None = None
     context: int | None = None
+    offload_optimizer: bool | None = None  # None: on the devices, in host memory only where nothing fits there
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,15 +45,17 @@ class Candidate:
     micro_batches: int
     remat: str
     loss: str
+    offload_optimizer: bool = False
 
     @property
     def key(self) -> tuple:
         """A total order, so ties are broken the same way every time."""
         m = self.mesh
-        return (*m.sizes().values(), self.micro_batches, self.remat, self.loss)
+        return (*m.sizes().values(), self.micro_batches, self.remat, self.loss, self.offload_optimizer)
 
     def describe(self) -> str:
-        return f"mesh {self.mesh}, {self.micro_batches} micro-batch(es), remat {self.remat}, loss {self.loss}"
+        where = ", optimizer state in host memory" if self.offload_optimizer else ""
+        return f"mesh {self.mesh}, {self.micro_batches} micro-batch(es), remat {self.remat}, loss {self.loss}{where}"
 
 
 def check_fixed(fixed: Fixed, flavor: int, config: ModelConfig, batch_size: int, seq_len: int,
@@ -147,7 +151,8 @@ def candidates(flavor: int, config: ModelConfig, batch_size: int, seq_len: int, 
                 continue
             if mesh.stage > 1 and mb < mesh.stage and not fixed.micro_batches:
                 continue  # a pipeline with fewer micro-batches than stages leaves stages idle
-            out.extend(Candidate(mesh, mb, remat, loss) for remat in remats for loss in losses)
+            out.extend(Candidate(mesh, mb, remat, loss, bool(fixed.offload_optimizer)) for remat in remats
+                       for loss in losses)
     return out
 
 

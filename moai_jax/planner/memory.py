@@ -3,7 +3,10 @@
     parameters      the device's shards of every weight (exact, from the logical axis rules)
     gradients       one more copy of the shards (two under micro-batching: the sum and the current one;
                     one under a pipeline, whose micro-batches are summed inside the backward scan)
-    optimizer       AdamW's two moments, shaped like the parameters
+    optimizer       AdamW's two moments, shaped like the parameters; with the optimizer state in host memory
+                    (`moai_jax/offload.py`) the largest parameter's moments only, on the devices for its update
+                    once backward is done (XLA streams them one parameter at a time; on XLA:CPU, whose devices'
+                    memory is the host's, all stay counted)
     activations     what each layer keeps for backward, by remat policy, times the layers
     attention       the blockwise attention's float32 score blocks
     recompute       one layer's working set while backward runs (re)computes it
@@ -188,6 +191,12 @@ def _sharded_elements(shapes: tuple, mesh: MeshShape) -> int:
     return sum(_shard_elements(s, n, sizes) for s, n in shapes)
 
 
+def largest_shard_elements(config: ModelConfig, mesh: MeshShape) -> int:
+    """The elements of the largest parameter's shard on one device."""
+    sizes = mesh.sizes()
+    return max(_shard_elements(shape, names, sizes) for shape, names in param_shapes(config).values())
+
+
 def layer_param_elements(config: ModelConfig, mesh: MeshShape | None = None) -> float:
     """One layer's weights (a MoE layer's experts as one device of the `expert` axis holds them)."""
     c = config
@@ -207,10 +216,11 @@ def _per_token(coefficients, config: ModelConfig, tensor: int) -> float:
 
 def estimate_bytes(config: ModelConfig, batch_size: int, seq_len: int, mesh: MeshShape, *, micro_batches: int = 1,
                    remat: str = "none", loss: str = "whole", param_bytes: int = 4, activation_bytes: int = 4,
-                   lora: LoraConfig | None = None, base_bytes: int = 2, family: str = "cpu") -> dict[str, int]:
+                   lora: LoraConfig | None = None, base_bytes: int = 2, family: str = "cpu",
+                   offload_optimizer: bool = False) -> dict[str, int]:
     """Estimated bytes per device of the train step, by term, with "total", as the `family`'s compiler
     ("gpu", "tpu", "cpu") allocates them. With `lora`, only the adapters train and the base is stored
-    in `base_bytes` per element (see `lora_terms`)."""
+    in `base_bytes` per element (see `lora_terms`). `offload_optimizer`: the optimizer state in host memory."""
     p = sharded_param_elements(config, mesh) * param_bytes
     tokens = batch_size // micro_batches // mesh.batch_shards * seq_len // mesh.context  # per device, one micro-batch
     layers = held_layers(config, mesh, micro_batches, remat)
@@ -253,6 +263,8 @@ def estimate_bytes(config: ModelConfig, batch_size: int, seq_len: int, mesh: Mes
         terms = lora_peak(terms | lora_terms(config, lora, mesh, tokens, micro_batches=micro_batches, remat=remat,
                                              base_bytes=base_bytes, activation_bytes=activation_bytes, batch=batch),
                           remat)
+    if offload_optimizer and family != "cpu":
+        terms["optimizer"] = min(terms["optimizer"], 2 * largest_shard_elements(config, mesh) * param_bytes)
     terms = {k: int(v) for k, v in family_scaled(terms, family, step_modes(mesh, micro_batches, remat, loss)).items()}
     terms["total"] = sum(terms.values())
     return terms

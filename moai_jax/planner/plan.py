@@ -28,6 +28,7 @@ class Plan:
     loss: str = "whole"  # "chunked": logits are computed over the sequence in chunks, never whole
     compute_dtype: str = "float32"
     param_dtype: str = "float32"
+    offload_optimizer: bool = False  # AdamW's moments live in host memory, brought to the devices for the update
     estimated_bytes_per_device: dict[str, int] | None = None  # term → bytes, with "total"
     verified_bytes_per_device: int | None = None
     verified_on: str | None = None  # the backend that compiled the verifying step
@@ -57,12 +58,13 @@ class Plan:
         """The chosen configuration in one line, as MoAI prints its selected config."""
         tp = f"TP {self.mesh.tensor}" if self.mesh.tensor > 1 else "No TP"
         tp += "".join(f" | {name} {n}" for name, n in (("EP", self.mesh.expert), ("CP", self.mesh.context)) if n > 1)
-        lora = "" if self.lora is None else f" | LoRA r {self.lora['r']} on {','.join(self.lora['targets'])}"
+        extra = "" if self.lora is None else f" | LoRA r {self.lora['r']} on {','.join(self.lora['targets'])}"
+        extra += " | optimizer state in host memory" if self.offload_optimizer else ""
         pp = (f"num_stages {self.mesh.stage}, num_micro_batches {self.micro_batches}" if self.mesh.stage > 1
               else "No PP")
         return (f"flavor {self.flavor} ({self.hardware}) | mesh {self.mesh} | micro-batches {self.micro_batches} | "
                 f"batch per device {self.batch_per_device:g} | {pp} | {tp} | remat {self.remat} | loss {self.loss} | "
-                f"compute {self.compute_dtype}{lora}")
+                f"compute {self.compute_dtype}{extra}")
 
     def compiled_line(self) -> str | None:
         """"as compiled: 0.412 s a step (fsdp all-gathers 12.3 GiB, ...); the model guessed 0.398 s" (None

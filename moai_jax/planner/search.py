@@ -5,6 +5,9 @@ is compiled first, and chosen if the compiler fits it; and where the compiled st
 (planner/compiled_collectives.py) put it behind the estimate of a candidate not compiled yet, that one is
 compiled too and the faster as compiled is chosen.
 
+Where nothing fits with the optimizer state on the devices, the search runs again with it in host memory
+(`moai_jax.offload`): slower by the moments' trips over the host link, but the same numbers.
+
 Deterministic and allocation-free. Knobs the user fixes are honored; the rest stay automatic.
 """
 
@@ -26,7 +29,7 @@ from moai_jax.models.lora import flops_per_token as lora_flops
 from moai_jax.planner.candidates import Candidate, Fixed, batch_split_error, candidates, check_fixed
 from moai_jax.planner.compiled_collectives import bytes_by_term, seconds_by_term
 from moai_jax.planner.explain import alternatives, compile_ceiling, lost_as_compiled, step_seconds, why_chosen
-from moai_jax.planner.memory import OVER_TOLERANCE, estimate_bytes
+from moai_jax.planner.memory import OVER_TOLERANCE, estimate_bytes, sharded_param_elements
 from moai_jax.planner.plan import Plan
 from moai_jax.planner.time_model import estimate_seconds
 from moai_jax.planner.verify import out_of_memory
@@ -59,9 +62,11 @@ def score(config: ModelConfig, batch_size: int, seq_len: int, hardware: Hardware
     c = candidate
     compute_bytes = jnp.dtype(compute_dtype).itemsize
     memory = estimate_bytes(config, batch_size, seq_len, c.mesh, micro_batches=c.micro_batches, remat=c.remat,
-                            loss=c.loss, lora=lora, base_bytes=compute_bytes, family=family)
+                            loss=c.loss, lora=lora, base_bytes=compute_bytes, family=family,
+                            offload_optimizer=c.offload_optimizer)
     seconds = estimate_seconds(config, batch_size, seq_len, c.mesh, hardware, micro_batches=c.micro_batches,
-                               remat=c.remat, compute_bytes=compute_bytes, lora=lora, collectives=collectives)
+                               remat=c.remat, compute_bytes=compute_bytes, lora=lora, collectives=collectives,
+                               offload_optimizer=c.offload_optimizer)
     return Scored(c, memory, seconds)
 
 
@@ -201,12 +206,41 @@ def plan(model_config: ModelConfig, batch_size: int, seq_len: int, accelerator: 
          tensor: int | None = None, micro_batches: int | None = None, remat: str | None = None,
          loss: str | None = None, compute_dtype: str | None = None, optimizer=None, stage: int | None = None,
          expert: int | None = None, context: int | None = None,
-         verifier: Callable[[Plan], Verified] | None = None, lora: LoraConfig | None = None) -> Plan:
+         verifier: Callable[[Plan], Verified] | None = None, lora: LoraConfig | None = None,
+         offload_optimizer: bool | None = None) -> Plan:
     """The fastest plan whose memory fits `memory_fraction` of each device, verified by a compile.
     With `lora` (a models.lora.LoraConfig), only LoRA adapters train on a frozen base in the compute dtype.
+    `offload_optimizer`: keep the optimizer state in host memory (True), on the devices (False), or in host
+    memory only where no plan fits with it on the devices (None; never under LoRA, whose state is small, nor
+    where XLA:CPU verifies, whose devices' memory is the host's).
 
     `verifier` compiles a candidate and measures it (default: the train step of an abstract Decoder
     of `model_config`); the Trainer passes its own, so the verifying compile is the one it runs."""
+    knobs = dict(locals())
+    start = time.perf_counter()
+    if offload_optimizer is not None or lora is not None or getattr(accelerator, "family", "cpu") == "cpu":
+        return _plan(**knobs | {"offload_optimizer": bool(offload_optimizer)})
+    try:
+        return _plan(**knobs | {"offload_optimizer": False})
+    except NoPlanFits as on_devices:
+        try:
+            chosen = _plan(**knobs | {"offload_optimizer": True})
+        except NoPlanFits:
+            raise NoPlanFits(f"{on_devices}; nor does any with the optimizer state in host memory") from None
+    moments = 2 * 4 * sharded_param_elements(model_config, chosen.mesh)
+    return dataclasses.replace(chosen, why=(
+        f"no plan fits with the optimizer state on the devices, so AdamW's moments ({format_bytes(moments)} a device) "
+        f"are kept in host memory and cross the host link each step "
+        f"({chosen.estimated_step_seconds['host']:.3f} s); {chosen.why}"),
+        planning_seconds={**chosen.planning_seconds, "total": round(time.perf_counter() - start, 3)})
+
+
+def _plan(model_config: ModelConfig, batch_size: int, seq_len: int, accelerator: Accelerator,
+          memory_fraction: float, *, verify: bool, data: int | None, fsdp: int | None, tensor: int | None,
+          micro_batches: int | None, remat: str | None, loss: str | None, compute_dtype: str | None, optimizer,
+          stage: int | None, expert: int | None, context: int | None, verifier: Callable[[Plan], Verified] | None,
+          lora: LoraConfig | None, offload_optimizer: bool) -> Plan:
+    """`plan` with the optimizer state's place fixed."""
     start = time.perf_counter()
     if not isinstance(memory_fraction, (int, float)) or not 0 < memory_fraction <= 1:
         raise FlavorError(f"memory fraction must be in (0, 1], e.g. 0.8, not {memory_fraction!r}")
@@ -218,7 +252,7 @@ def plan(model_config: ModelConfig, batch_size: int, seq_len: int, accelerator: 
     if compute_dtype not in ("float32", "bfloat16", "float16"):
         raise FlavorError(f"compute dtype {compute_dtype!r}: choose float32, bfloat16 or float16")
     fixed = Fixed(data=data, fsdp=fsdp, tensor=tensor, micro_batches=micro_batches, remat=remat, loss=loss,
-                  stage=stage, expert=expert, context=context)
+                  stage=stage, expert=expert, context=context, offload_optimizer=offload_optimizer)
     check_fixed(fixed, flavor, model_config, batch_size, seq_len, hardware.devices_per_host)
     budget = int(memory_fraction * hardware.memory_bytes)
     if lora is not None:
@@ -243,7 +277,7 @@ def plan(model_config: ModelConfig, batch_size: int, seq_len: int, accelerator: 
                     estimated_tokens_per_sec=round(tokens / step, 1), estimated_mfu=round(mfu, 4), why=why,
                     alternatives=tuple(alts), planning_seconds={"rank": round(ranked_seconds, 3)},
                     candidates_considered=len(fits) + len(over), candidates_fitting=len(fits),
-                    lora=None if lora is None else lora.to_dict())
+                    lora=None if lora is None else lora.to_dict(), offload_optimizer=c.offload_optimizer)
 
     def as_compiled(result: Verified, candidate: Candidate) -> dict:
         """The Plan's fields for the step as compiled: its collectives in place of the guessed communication."""
@@ -325,7 +359,7 @@ def plan(model_config: ModelConfig, batch_size: int, seq_len: int, accelerator: 
         if lora is None and rank(model_config, batch_size, seq_len, flavor, hardware, budget, fixed, compute_dtype,
                                  LoraConfig(), family)[0]:
             hint += f"; LoRA (--use-lora) fits flavor {flavor}"
-    fixed_text = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(fixed).items() if v is not None)
+    fixed_text = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(fixed).items() if v not in (None, False))
     raise NoPlanFits(
         f"no plan fits {flavor} × {hardware.name} at batch {batch_size} × {seq_len}"
         f"{' with ' + fixed_text if fixed_text else ''}: the best found ({best.candidate.describe()}) needs "

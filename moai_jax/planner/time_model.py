@@ -30,6 +30,9 @@
                    A MoE model's compute counts its active parameters (the router and the k experts a
                    token is routed to); outside the MoE layers `expert` splits the
                    batch and shards the weights like fsdp, while the experts' weights stay on their devices
+    host           with the optimizer state in host memory, its two float32 moments of every trained element a
+                   device holds, brought over the host link for the update and sent back (the directions
+                   overlap): after backward, so not hidden behind compute
 Each axis uses the link it spans: devices are laid out tensor innermost, then context, expert, fsdp,
 data and stage, so an axis whose group (with the axes inside it) exceeds a host crosses the slower inter-host
 links. Under a pipeline each stage works on its share of the layers: its weights are gathered over
@@ -68,7 +71,7 @@ def estimate_seconds(config: ModelConfig, batch_size: int, seq_len: int, mesh: M
                      micro_batches: int = 1, remat: str = "none", compute_bytes: int = 2,
                      lora: LoraConfig | None = None, virtual_stages: int = 1,
                      overlap_collectives: bool = False, collectives: Mapping[str, float] | None = None,
-                     gradient_bytes: int | None = None) -> dict[str, float]:
+                     gradient_bytes: int | None = None, offload_optimizer: bool = False) -> dict[str, float]:
     """Estimated seconds of one step, split into compute, per-axis communication and total. With
     `lora`, no base weight gradient is computed, all-reduced or reduce-scattered (`lora_work`).
     Two schedules moai_jax's step does not have, for published runs: `virtual_stages` > 1, an
@@ -76,7 +79,8 @@ def estimate_seconds(config: ModelConfig, batch_size: int, seq_len: int, mesh: M
     overlapped with the matmuls like data and fsdp traffic (Megatron's userbuffers and overlap_p2p_comm).
     `collectives`: seconds of communication per term (data, fsdp, tensor, context, expert, stage) read from
     the compiled step (planner/compiled_collectives.py), in place of the guessed ones: the step "as compiled".
-    `gradient_bytes`: bytes per gradient element on the wire, for a published framework (None: moai_jax's)."""
+    `gradient_bytes`: bytes per gradient element on the wire, for a published framework (None: moai_jax's).
+    `offload_optimizer`: the optimizer state is kept in host memory (the "host" term)."""
     devices = mesh.size
     tokens = batch_size * seq_len
     recompute = REMAT_FLOPS[remat] + (STAGE_RECOMPUTE_FLOPS if mesh.stage > 1 and remat == "full" else 0.0)
@@ -132,12 +136,13 @@ def estimate_seconds(config: ModelConfig, batch_size: int, seq_len: int, mesh: M
         hidden_under = weight_grads / (devices * hardware.peak_flops * efficiency)
         backward = tensor / (forward_passes + 1)
         tensor = tensor - backward + max(0.0, backward - hidden_under)
+    host = 2 * 4 * trained / (f * t * s) / hardware.host_link_bandwidth if offload_optimizer else 0.0
     if overlap_collectives:
         total = compute + bubble + max(0.0, data + fsdp + tensor + stage - OVERLAP * compute) + context + expert
     else:
         total = compute + bubble + max(0.0, data + fsdp - OVERLAP * compute) + tensor + stage + context + expert
     return {"compute": compute, "data": data, "fsdp": fsdp, "tensor": tensor, "bubble": bubble, "stage": stage,
-            "context": context, "expert": expert, "total": total}
+            "context": context, "expert": expert, "host": host, "total": total + host}
 
 
 def context_seconds(config: ModelConfig, seq_len: int, rows: float, mesh: MeshShape, hardware: Hardware,
