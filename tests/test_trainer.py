@@ -2,12 +2,14 @@
 
 import dataclasses
 import functools
+import re
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
+from moai_jax import offload
 from moai_jax.accelerator import Accelerator
 from moai_jax.checkpoint import Checkpoints
 from moai_jax.models import Decoder, ModelConfig
@@ -15,6 +17,7 @@ from moai_jax.optimizer import adamw
 from moai_jax.planner import Plan
 from moai_jax.planner.verify import verify
 from moai_jax.sharding.mesh import MeshShape
+from moai_jax.step import compile_step
 from moai_jax.trainer import Trainer
 
 # one xdist worker runs these tests (--dist loadgroup): they share the cached runs (one-device reference, each mesh)
@@ -106,6 +109,23 @@ def test_optimizer_state_in_host_memory_trains_and_resumes_the_same(tmp_path):
             jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.state.opt_state),
                          jax.device_get(trainer.state.opt_state))
             assert {x.sharding.memory_kind for x in jax.tree.leaves(resumed.state.opt_state)} == kinds
+
+
+def test_compile_only_devices_get_the_host_memory_kind_back(monkeypatch):
+    """Compile-only GPUs drop "pinned_host" from shardings, so the step's arguments get it back from
+    offload.mark_host_arguments: CPU devices keep it, and the step compiled either way takes the same arguments."""
+    plan = Plan(flavor=8, hardware="cpu", mesh=MeshShape.parse("fsdp=8"), batch_size=BATCH, seq_len=SEQ,
+                offload_optimizer=True)
+    model = nnx.eval_shape(lambda: Decoder(CONFIG, rngs=nnx.Rngs(0), attention="xla"))
+
+    def arguments() -> str:  # the compiled step's argument layouts: S(5) marks host memory
+        hlo = compile_step(plan, model, jax.devices(), adamw(1e-3))[1].as_text()
+        return re.search(r"entry_computation_layout=\{\((.*?)\)->", hlo).group(1)
+
+    kept = arguments()
+    monkeypatch.setattr(offload, "in_host_memory", lambda shardings, _: shardings)  # as on compile-only devices
+    assert arguments() == kept
+    assert kept.count("S(5)") == 2 * len(jax.tree.leaves(nnx.state(model, nnx.Param)))  # AdamW's two moments
 
 
 def test_peak_bytes_fall_as_fsdp_grows():
