@@ -1,8 +1,11 @@
 """Checkpoints through the real command: exact resume, resume on other flavors, kill -9 during saves,
 Hugging Face export against transformers, and clear errors for bad checkpoint folders."""
 
+import contextlib
 import dataclasses
+import functools
 import importlib.util
+import io
 import json
 import os
 import random
@@ -38,6 +41,23 @@ def finetune(*args, user: list[str] = (), **kwargs) -> subprocess.CompletedProce
                           capture_output=True, text=True, timeout=300, **kwargs)
 
 
+@functools.cache
+def finetune_script():
+    spec = importlib.util.spec_from_file_location("finetune", FINETUNE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def finetune_here(*args) -> subprocess.CompletedProcess:
+    """`finetune` in this process, with its 8 devices (no start-up to pay): the exit status and what it printed.
+    A new process's output (native log lines included) is checked by the kill -9 and read-only folder tests."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = finetune_script().main([*RUN, *map(str, args)])
+    return subprocess.CompletedProcess(args, status, out.getvalue(), err.getvalue())
+
+
 def losses(metrics_file: Path) -> dict[int, float]:
     """step → loss; a step logged twice (re-run after a resume) keeps its last value."""
     return {r["step"]: r["loss"] for r in map(json.loads, metrics_file.read_text().splitlines())}
@@ -57,17 +77,18 @@ def straight(tmp_path_factory):
     """10 steps at flavor 8 on a data=2,fsdp=2,tensor=2 mesh, saving (asynchronously) at steps 5 and 10,
     and the model in Hugging Face format at the end."""
     out = tmp_path_factory.mktemp("straight")
-    done = finetune("--flavor", 8, "--mesh", "data=2,fsdp=2,tensor=2", "--checkpoint-dir", out / "ckpt",
+    done = finetune_here("--flavor", 8, "--mesh", "data=2,fsdp=2,tensor=2", "--checkpoint-dir", out / "ckpt",
                     "--save-steps", 5, "--metrics-file", out / "metrics.jsonl", "--save-model-dir", out / "final")
     assert done.returncode == 0, done.stderr[-3000:]
     assert Checkpoints(out / "ckpt", writable=False).steps() == [5, 10]
     return out
 
 
-def resume_from_step_5(straight: Path, where: Path, *flavor_args) -> dict[int, float]:
-    """Copy the straight run's checkpoints as they stood after step 5, resume there, train to 10."""
+def resume_from_step_5(straight: Path, where: Path, *flavor_args, run=finetune) -> dict[int, float]:
+    """Copy the straight run's checkpoints as they stood after step 5, resume there (`run`: in a new process,
+    or `finetune_here`), train to 10."""
     shutil.copytree(straight / "ckpt", where / "ckpt", ignore=shutil.ignore_patterns("10"))
-    done = finetune(*flavor_args, "--checkpoint-dir", where / "ckpt", "--save-steps", 5, "--resume",
+    done = run(*flavor_args, "--checkpoint-dir", where / "ckpt", "--save-steps", 5, "--resume",
                     "--metrics-file", where / "metrics.jsonl")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Resumed from the checkpoint of step 5" in done.stdout
@@ -86,10 +107,11 @@ def test_resume_is_exact(straight, tmp_path):
 
 
 # resharded onto fewer devices and other axes (flavor 1, all on one device, restores by the same path); the
-# program of test_distributed.py's resume at flavor 4
+# program of test_distributed.py's resume at flavor 4, in this process as there (test_resume_is_exact resumes in
+# a new one)
 @pytest.mark.parametrize("flavor, mesh", [(4, "data=1,fsdp=2,tensor=2")])
 def test_resume_on_another_flavor(straight, tmp_path, flavor, mesh):
-    resumed = resume_from_step_5(straight, tmp_path, "--flavor", flavor, "--mesh", mesh)
+    resumed = resume_from_step_5(straight, tmp_path, "--flavor", flavor, "--mesh", mesh, run=finetune_here)
     reference = losses(straight / "metrics.jsonl")
     np.testing.assert_allclose([resumed[s] for s in range(6, 11)], [reference[s] for s in range(6, 11)],
                                rtol=0, atol=1e-5)
@@ -188,7 +210,7 @@ def check_error(done: subprocess.CompletedProcess, starts: str) -> None:
 
 
 def test_resume_without_a_checkpoint(tmp_path):
-    check_error(finetune("--checkpoint-dir", tmp_path / "empty", "--resume"), "no checkpoint in")
+    check_error(finetune_here("--checkpoint-dir", tmp_path / "empty", "--resume"), "no checkpoint in")
 
 
 def test_resume_a_checkpoint_of_another_model(straight, tmp_path):
@@ -197,7 +219,7 @@ def test_resume_a_checkpoint_of_another_model(straight, tmp_path):
     config = dataclasses.replace(ModelConfig.preset("tiny"), hidden_size=32)
     (other / "config.json").write_text(json.dumps(config.to_hf_dict()))
     before = folder_listing(straight / "ckpt")
-    done = finetune("--model-name-or-path", other, "--checkpoint-dir", straight / "ckpt", "--resume")
+    done = finetune_here("--model-name-or-path", other, "--checkpoint-dir", straight / "ckpt", "--resume")
     check_error(done, "checkpoint of step 10")
     assert "another model (hidden_size 64 (now 32))" in done.stderr
     assert folder_listing(straight / "ckpt") == before
