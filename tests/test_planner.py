@@ -169,6 +169,8 @@ def test_where_the_estimates_run_low_the_smallest_layouts_are_compiled():
     over = [scored(8, "chunked", 10), scored(8, "whole", 11), scored(4, "chunked", 12), scored(2, "whole", 13),
             scored(1, "chunked", 14)]
     assert [s.candidate.mesh.fsdp for s in next_to_compile([], over, 9, True, True, [])] == [8, 4, 2, 1][:MAX_VERIFIES]
+    # with host memory to try next, none estimated above the ceiling
+    assert [s.candidate.mesh.fsdp for s in next_to_compile([], over, 9, True, True, [], ceiling=12)] == [8, 4]
 
     fast = [scored(f, "chunked", 60 - f, seconds=1.0 + f / 100) for f in (1, 2, 4, 8, 16)]  # fastest first
     small = scored(32, "chunked", 30, seconds=5.0)

@@ -38,6 +38,9 @@ from moai_jax.sizes import format_bytes
 from moai_jax.step import Verified
 
 MAX_VERIFIES = 3  # candidates compiled before giving up on verification
+# Where no estimate fits and the optimizer state could go to host memory next, the smallest estimates are compiled
+# only if they are at most this far over the budget (the estimates at full size have run up to 15% high)
+OFFLOAD_RATHER_OVER = 0.25
 SIMPLER_WITHIN = 0.02  # candidates this close to the fastest are ordered simplest first
 
 
@@ -100,17 +103,19 @@ def within_tolerance(fits: list[Scored], over: list[Scored], budget: int) -> Sco
 
 
 def next_to_compile(fits: list[Scored], over: list[Scored], budget: int, target_compiler: bool, verify: bool,
-                    rejected: list[tuple[Scored, str]]):
+                    rejected: list[tuple[Scored, str]], ceiling: float | None = None):
     """The candidates to compile, one at a time, at most MAX_VERIFIES: on a GPU or TPU compiler first the one
     `within_tolerance` of the budget, if any; then the fastest fitting ones, less those estimated at no less
     than one that compiled over the budget (the caller appends those to `rejected`, with why): a plan the
     estimate puts above one that did not fit is not worth a compile. Where no estimate fits, or every compile
-    of the fastest came out over the budget, a GPU or TPU compiler judges the smallest (`smallest_layouts`)."""
+    of the fastest came out over the budget, a GPU or TPU compiler judges the smallest (`smallest_layouts`), of
+    those estimated at no more than `ceiling` where one is given."""
     if not verify:
         yield from fits[:1]
         return
     if not fits:
-        yield from smallest_layouts(over) if target_compiler else []
+        near = [s for s in over if ceiling is None or s.memory["total"] <= ceiling]
+        yield from smallest_layouts(near) if target_compiler else []
         return
     first = within_tolerance(fits, over, budget) if target_compiler else None
     queue = ([first] if first else []) + fits
@@ -220,8 +225,8 @@ def plan(model_config: ModelConfig, batch_size: int, seq_len: int, accelerator: 
     start = time.perf_counter()
     if offload_optimizer is not None or lora is not None or getattr(accelerator, "family", "cpu") == "cpu":
         return _plan(**knobs | {"offload_optimizer": bool(offload_optimizer)})
-    try:
-        return _plan(**knobs | {"offload_optimizer": False})
+    try:  # on the devices, not compiling estimates far over the budget: host memory is the next try
+        return _plan(**knobs | {"offload_optimizer": False}, then_offload=True)
     except NoPlanFits as on_devices:
         try:
             chosen = _plan(**knobs | {"offload_optimizer": True})
@@ -239,8 +244,8 @@ def _plan(model_config: ModelConfig, batch_size: int, seq_len: int, accelerator:
           memory_fraction: float, *, verify: bool, data: int | None, fsdp: int | None, tensor: int | None,
           micro_batches: int | None, remat: str | None, loss: str | None, compute_dtype: str | None, optimizer,
           stage: int | None, expert: int | None, context: int | None, verifier: Callable[[Plan], Verified] | None,
-          lora: LoraConfig | None, offload_optimizer: bool) -> Plan:
-    """`plan` with the optimizer state's place fixed."""
+          lora: LoraConfig | None, offload_optimizer: bool, then_offload: bool = False) -> Plan:
+    """`plan` with the optimizer state's place fixed; `then_offload`: host memory is tried next if nothing fits."""
     start = time.perf_counter()
     if not isinstance(memory_fraction, (int, float)) or not 0 < memory_fraction <= 1:
         raise FlavorError(f"memory fraction must be in (0, 1], e.g. 0.8, not {memory_fraction!r}")
@@ -297,7 +302,8 @@ def _plan(model_config: ModelConfig, batch_size: int, seq_len: int, accelerator:
     # too; either is chosen if the target's compiler fits it in the budget. A plan whose collectives as
     # compiled make it slower than another's estimate has that one compiled too; the fastest as compiled wins.
     target_compiler = getattr(accelerator, "family", "cpu") != "cpu"
-    for s in next_to_compile(fits, over, budget, target_compiler, verify, rejected):
+    ceiling = budget * (1 + OFFLOAD_RATHER_OVER) if then_offload else None
+    for s in next_to_compile(fits, over, budget, target_compiler, verify, rejected, ceiling):
         if not fits:
             why = (f"no estimate fits the {format_bytes(budget)} budget; this is the smallest of {len(over)} "
                    f"candidates (estimated at {format_bytes(s.memory['total'])}) that the compiler fits")
