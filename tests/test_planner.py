@@ -151,7 +151,10 @@ def test_where_nothing_fits_on_the_devices_the_optimizer_state_is_kept_in_host_m
     forced = plan(LLAMA3_8B, 32, 1024, gpus("24GB"), verify=False, offload_optimizer=True)
     assert (forced.mesh, forced.micro_batches, forced.remat) == (p.mesh, p.micro_batches, p.remat)
     with pytest.raises(NoPlanFits, match="nor does any with the optimizer state in host memory"):
+        plan(LLAMA3_8B, 32, 1024, gpus("20GB"), verify=False)  # tried: estimated within 25% of the budget
+    with pytest.raises(NoPlanFits) as hopeless:  # not tried: estimated further over
         plan(LLAMA3_8B, 32, 1024, gpus("16GB"), verify=False)
+    assert "host memory" not in str(hopeless.value)
     # where the state fits on the devices it stays there: the moments' trips over the host link cost time
     roomy = plan(LLAMA3_8B, 32, 1024, gpus(), verify=False)
     assert not roomy.offload_optimizer and roomy.estimated_step_seconds["host"] == 0

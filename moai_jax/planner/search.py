@@ -44,6 +44,11 @@ OFFLOAD_RATHER_OVER = 0.25
 SIMPLER_WITHIN = 0.02  # candidates this close to the fastest are ordered simplest first
 
 
+class HostMemoryMayFit(NoPlanFits):
+    """No plan fits with the optimizer state on the devices, and one with it in host memory is estimated near the
+    budget: `plan` searches again with it there."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Scored:
     candidate: Candidate
@@ -225,9 +230,9 @@ def plan(model_config: ModelConfig, batch_size: int, seq_len: int, accelerator: 
     start = time.perf_counter()
     if offload_optimizer is not None or lora is not None or getattr(accelerator, "family", "cpu") == "cpu":
         return _plan(**knobs | {"offload_optimizer": bool(offload_optimizer)})
-    try:  # on the devices, not compiling estimates far over the budget: host memory is the next try
+    try:
         return _plan(**knobs | {"offload_optimizer": False}, then_offload=True)
-    except NoPlanFits as on_devices:
+    except HostMemoryMayFit as on_devices:
         try:
             chosen = _plan(**knobs | {"offload_optimizer": True})
         except NoPlanFits:
@@ -245,7 +250,9 @@ def _plan(model_config: ModelConfig, batch_size: int, seq_len: int, accelerator:
           micro_batches: int | None, remat: str | None, loss: str | None, compute_dtype: str | None, optimizer,
           stage: int | None, expert: int | None, context: int | None, verifier: Callable[[Plan], Verified] | None,
           lora: LoraConfig | None, offload_optimizer: bool, then_offload: bool = False) -> Plan:
-    """`plan` with the optimizer state's place fixed; `then_offload`: host memory is tried next if nothing fits."""
+    """`plan` with the optimizer state's place fixed. `then_offload`: where nothing fits and a plan with the state
+    in host memory is estimated near the budget, raise HostMemoryMayFit, and where that is so before any compile,
+    compile no estimate more than OFFLOAD_RATHER_OVER over the budget."""
     start = time.perf_counter()
     if not isinstance(memory_fraction, (int, float)) or not 0 < memory_fraction <= 1:
         raise FlavorError(f"memory fraction must be in (0, 1], e.g. 0.8, not {memory_fraction!r}")
@@ -302,7 +309,14 @@ def _plan(model_config: ModelConfig, batch_size: int, seq_len: int, accelerator:
     # too; either is chosen if the target's compiler fits it in the budget. A plan whose collectives as
     # compiled make it slower than another's estimate has that one compiled too; the fastest as compiled wins.
     target_compiler = getattr(accelerator, "family", "cpu") != "cpu"
-    ceiling = budget * (1 + OFFLOAD_RATHER_OVER) if then_offload else None
+    near_budget = budget * (1 + OFFLOAD_RATHER_OVER)
+
+    def host_memory_may_fit() -> bool:  # a candidate with the optimizer state in host memory estimated near the budget
+        offloaded = rank(model_config, batch_size, seq_len, flavor, hardware, budget,
+                         dataclasses.replace(fixed, offload_optimizer=True), compute_dtype, lora, family)
+        return any(s.memory["total"] <= near_budget for s in offloaded[0] + offloaded[1])
+
+    ceiling = near_budget if then_offload and not fits and host_memory_may_fit() else None
     for s in next_to_compile(fits, over, budget, target_compiler, verify, rejected, ceiling):
         if not fits:
             why = (f"no estimate fits the {format_bytes(budget)} budget; this is the smallest of {len(over)} "
@@ -351,8 +365,9 @@ def _plan(model_config: ModelConfig, batch_size: int, seq_len: int, accelerator:
     if shared:
         hint = host_hint(model_config, batch_size, seq_len, accelerator, budget, fixed, compute_dtype, needed,
                          memory_fraction)
+    unfit = HostMemoryMayFit if then_offload and (ceiling is not None or host_memory_may_fit()) else NoPlanFits
     if all(v is not None for v in (data, fsdp, tensor, micro_batches, remat)):
-        raise NoPlanFits(
+        raise unfit(
             f"out of memory: the fixed plan ({best.candidate.describe()}) needs {format_bytes(needed)} per device"
             f"{measured} but {format_bytes(budget)} are available "
             f"({memory_fraction:g} × {format_bytes(hardware.memory_bytes)} of {hardware.name}); "
@@ -366,7 +381,7 @@ def _plan(model_config: ModelConfig, batch_size: int, seq_len: int, accelerator:
                                  LoraConfig(), family)[0]:
             hint += f"; LoRA (--use-lora) fits flavor {flavor}"
     fixed_text = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(fixed).items() if v not in (None, False))
-    raise NoPlanFits(
+    raise unfit(
         f"no plan fits {flavor} × {hardware.name} at batch {batch_size} × {seq_len}"
         f"{' with ' + fixed_text if fixed_text else ''}: the best found ({best.candidate.describe()}) needs "
         f"{format_bytes(needed)} per device{measured}, {format_bytes(needed - budget)} over the budget of "
