@@ -34,7 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--loss", default=None, help="fix the loss: whole or chunked (default: automatic)")
     p.add_argument("--dtype", default=None, help="compute dtype (default: bfloat16, float32 on cpu)")
     p.add_argument("--offload-optimizer", choices=("auto", "on", "off"), default="auto",
-                   help="keep AdamW's moments in host memory: on, off, or auto (only where no plan fits on the devices)")
+                   help="keep AdamW's moments in host memory: on, off, or auto (only where no plan fits on the "
+                        "devices)")
     p.add_argument("--no-verify", action="store_true", help="rank only, skip the verifying compile")
     from moai_jax.models import lora
 

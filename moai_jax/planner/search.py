@@ -5,8 +5,9 @@ is compiled first, and chosen if the compiler fits it; and where the compiled st
 (planner/compiled_collectives.py) put it behind the estimate of a candidate not compiled yet, that one is
 compiled too and the faster as compiled is chosen.
 
-Where nothing fits with the optimizer state on the devices, the search runs again with it in host memory
-(`moai_jax.offload`): slower by the moments' trips over the host link, but the same numbers.
+Where nothing fits with the optimizer state on the devices and a plan with it in host memory is estimated near
+the budget, the search runs again with it there (`moai_jax.offload`): slower by the moments' trips over the host
+link, but the same numbers.
 
 Deterministic and allocation-free. Knobs the user fixes are honored; the rest stay automatic.
 """
@@ -38,8 +39,9 @@ from moai_jax.sizes import format_bytes
 from moai_jax.step import Verified
 
 MAX_VERIFIES = 3  # candidates compiled before giving up on verification
-# Where no estimate fits and the optimizer state could go to host memory next, the smallest estimates are compiled
-# only if they are at most this far over the budget (the estimates at full size have run up to 15% high)
+# How far over the budget an estimate may be and still be worth a compile, where no estimate fits and host memory
+# for the optimizer state is the next try (which is tried only if one of its estimates is within it): the
+# estimates at full size have run up to 15% high
 OFFLOAD_RATHER_OVER = 0.25
 SIMPLER_WITHIN = 0.02  # candidates this close to the fastest are ordered simplest first
 
