@@ -1,7 +1,7 @@
 """scripts/finetune.py's main once per group of arguments, the groups separated by `--then`: several trainings
 in the same processes of one job, which start (import, join, load the data) once. Run by test_distributed:
-`python -m moai_jax.launch --processes 2 -- tests/finetune_runs.py ARGS --then ARGS`; exits with the first
-nonzero status."""
+`python -m moai_jax.launch --processes 2 -- tests/finetune_runs.py ARGS --then ARGS`, and by test_checkpoint.
+Every group runs; the exit status is the first nonzero one."""
 
 import sys
 from importlib.util import module_from_spec, spec_from_file_location
@@ -13,4 +13,5 @@ spec.loader.exec_module(finetune)
 groups = [[]]
 for arg in sys.argv[1:]:
     groups.append([]) if arg == "--then" else groups[-1].append(arg)
-sys.exit(next((status for status in map(finetune.main, groups) if status), 0))
+statuses = [finetune.main(group) for group in groups]
+sys.exit(next((status for status in statuses if status), 0))

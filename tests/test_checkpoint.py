@@ -36,8 +36,8 @@ RUN = ["--batch-size", "8", "--block-size", "32", "--max-steps", "10"]
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
 
 
-def finetune(*args, user: list[str] = (), **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([*user, sys.executable, str(FINETUNE), *RUN, *map(str, args)], env=ENV,
+def finetune(*args, user: list[str] = (), script: Path = FINETUNE, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([*user, sys.executable, str(script), *RUN, *map(str, args)], env=ENV,
                           capture_output=True, text=True, timeout=300, **kwargs)
 
 
@@ -51,7 +51,7 @@ def finetune_script():
 
 def finetune_here(*args) -> subprocess.CompletedProcess:
     """`finetune` in this process, with its 8 devices (no start-up to pay): the exit status and what it printed.
-    A new process's output (native log lines included) is checked by the kill -9 and read-only folder tests."""
+    A new process's whole stderr (native log lines included) is checked by the read-only folder test."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         status = finetune_script().main([*RUN, *map(str, args)])
@@ -166,7 +166,7 @@ def test_kill_9_during_saves_leaves_the_last_checkpoint(tmp_path):
         if kills >= KILLS_IN_A_SAVE:
             break
     assert kills >= KILLS_IN_A_SAVE, f"only {kills} of {attempt + 1} kills landed during a save"
-    done = finetune(*args, "--resume")
+    done = finetune_here(*args, "--resume")  # to the end, in this process: it restores only what is on disk
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"Resumed from the checkpoint of step {last}" in done.stdout
     for record in map(json.loads, metrics.read_text().splitlines()):
@@ -203,10 +203,11 @@ def test_export_loads_in_transformers(straight, tmp_path):
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4)
 
 
-def check_error(done: subprocess.CompletedProcess, starts: str) -> None:
+def check_error(done: subprocess.CompletedProcess, starts: str, runs: int = 1) -> None:
+    """Exit status 2 and, of each of the `runs`, one line `error: {starts}...` on stderr (nothing else)."""
     assert done.returncode == 2, done.stderr[-3000:]
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: {starts}"), done.stderr[-3000:]
+    assert len(lines) == runs and all(line.startswith(f"error: {starts}") for line in lines), done.stderr[-3000:]
 
 
 def test_resume_without_a_checkpoint(tmp_path):
@@ -238,9 +239,11 @@ def test_checkpoint_folder_not_writable(straight):
         # folder's mode bits are what refuses the write, as for any other user.
         nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=+dac_read_search",
                   "--ambient-caps=+dac_read_search"] if os.geteuid() == 0 else []
-        for resume in ([], ["--resume"]):
-            done = finetune("--checkpoint-dir", base / "ckpt", *resume, user=nobody, cwd=base)
-            check_error(done, f"cannot write to {base / 'ckpt'}")
+        # a fresh run, then a resume, in one new process (tests/finetune_runs.py)
+        run = ["--checkpoint-dir", base / "ckpt"]
+        done = finetune(*run, "--then", *RUN, *run, "--resume", user=nobody, cwd=base,
+                        script=ROOT / "tests" / "finetune_runs.py")
+        check_error(done, f"cannot write to {base / 'ckpt'}", runs=2)
         assert folder_listing(base / "ckpt") == before
     finally:
         for path in [base, *base.rglob("*")]:
