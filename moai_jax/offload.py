@@ -58,7 +58,7 @@ def mark_host_arguments(lowered: jax.stages.Lowered, host_arguments: list[bool])
     memory already: the step's `to_host` says so. The module's arguments are the constants JAX hoisted into
     arguments, then the arguments it kept (`kept_var_idx` counts both)."""
     lowering = lowered._lowering
-    constants = len(lowering.const_args)
+    constants = len(getattr(lowering, "const_args", ()))  # none where a JAX hoists no constants
     flags = [False] * constants + list(host_arguments)
     module = lowering.stablehlo()
     with module.context:
