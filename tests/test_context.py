@@ -34,9 +34,9 @@ from moai_jax.trainer import Trainer
 pytestmark = pytest.mark.xdist_group("context")
 
 CONFIG = ModelConfig.preset("tiny")  # 2 layers, width 64, 4 heads over 2 key/value heads (tensor=2 divides them)
-# Attention blocks of 32 tokens rather than the models' 128: 256 tokens then hold the blocks 1,024 would (8 on one
-# device; under context=8, 2 × 8 chunks of one block; under context=2, two blocks a chunk) at a quarter of the cost.
-BATCH, SEQ, STEPS, BLOCK = 2, 256, 10, 32
+# Attention blocks of 16 tokens rather than the models' 128: 128 tokens then hold the blocks 1,024 would (8 on one
+# device; under context=8, 2 × 8 chunks of one block; under context=2, two blocks a chunk), at a fraction of the cost.
+BATCH, SEQ, STEPS, BLOCK = 2, 128, 10, 16
 MESHES = ("context=8", "context=4,fsdp=2", "context=2,data=2,tensor=2", "stage=2,context=4")
 
 
@@ -112,7 +112,7 @@ def test_balanced_layout_gives_every_device_the_same_work():
 
 
 def test_peak_memory_falls_with_the_context_degree():
-    """The same 2 × 256 batch on 1, 2 and 8 devices along context: XLA's peak bytes per device fall. The
+    """The same 2 × 128 batch on 1, 2 and 8 devices along context: XLA's peak bytes per device fall. The
     one-device and context=8 steps are the trainers' own (compiled above); context=2 is one more compile."""
     one, eight = run("data=1")[0], run("context=8")[0]
     two = dataclasses.replace(eight.plan, flavor=2, mesh=MeshShape(context=2))
