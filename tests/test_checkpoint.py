@@ -72,7 +72,7 @@ def params_of(checkpoint_dir: Path, step: int) -> dict:
     return jax.device_get(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def straight(tmp_path_factory):
     """10 steps at flavor 8 on a data=2,fsdp=2,tensor=2 mesh, saving (asynchronously) at steps 5 and 10,
     and the model in Hugging Face format at the end."""

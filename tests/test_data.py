@@ -30,7 +30,7 @@ def load(path, tokenizer=None, block_size=128, tmp_path=None, **kwargs):
     return load_dataset(None if path is None else str(path), tokenizer or ByteTokenizer(), block_size, cache_dir=cache, **kwargs)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def builtin(tmp_path_factory):
     return load(None, block_size=512, tmp_path=tmp_path_factory.mktemp("builtin"))
 

@@ -65,7 +65,7 @@ def same_training(got: dict[int, float], want: dict[int, float], steps) -> None:
     np.testing.assert_allclose([got[s] for s in steps], [want[s] for s in steps], rtol=1e-5, atol=0)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     """mesh → (folder, its part of the launcher's output) of 10 steps in 2 processes × 4 devices (`two`) and
     in this process × 8 devices (`one`), each saving checkpoints at steps 5 and 10. One launch trains every

@@ -64,7 +64,7 @@ def reference(family: str, tmp_root: str):
     return model, path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tmp_root(tmp_path_factory):
     return str(tmp_path_factory.mktemp("families"))
 

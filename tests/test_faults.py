@@ -54,7 +54,7 @@ def size_kib(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) // 1024 + 1
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def trainer():
     """The tiny model on one device, planned without compiling (these tests never run a step)."""
     accelerator = Accelerator(1)
@@ -66,7 +66,7 @@ def params(trainer) -> list[np.ndarray]:
     return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(trainer.state.params))]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def checkpoint_kib(trainer, tmp_path_factory):
     """How much disk one checkpoint of the tiny model takes."""
     where = tmp_path_factory.mktemp("one")

@@ -47,7 +47,7 @@ def transformers_greedy(hf_model, prompt_ids, eos):
     return [until_eos(row, eos) for row in out[:, length:].tolist()]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def saved(tmp_path_factory):
     """case → (folder, transformers model), made on first use."""
     made = {}
@@ -97,7 +97,7 @@ def answers(stdout: str, count: int) -> list[list[str]]:
     return [block.split(end)[0].splitlines() for block, end in zip(blocks, ends)]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory):
     """A training checkpoint of the tiny preset (random weights, no step taken) and the model it holds."""
     plan = Plan(flavor=1, hardware="cpu", mesh=MeshShape(), batch_size=8, seq_len=32)

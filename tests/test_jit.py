@@ -128,12 +128,12 @@ def distill_program(jit):
     return [float(train_step(student, teacher, optimizer, batch)) for batch in batches()], teacher, train_step
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def acc():
     return moai.Accelerator(8)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tutorial(acc):
     return nnx_program(nnx.jit), nnx_program(lambda f: acc.jit(f, fsdp=8))
 

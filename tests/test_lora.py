@@ -43,7 +43,7 @@ def tiny_base(path: Path, tokenizer_dir: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def lora_run(tmp_path_factory, bpe_tokenizer_dir):
     """50 LoRA steps through finetune.py on the tiny base, checkpointed, a PEFT folder out; the Trainer kept."""
     out = tmp_path_factory.mktemp("lora")

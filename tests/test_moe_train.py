@@ -39,7 +39,7 @@ def save_tiny_moe(path: Path, tokenizer_dir: Path, **overrides) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def moe_dir(tmp_path_factory, bpe_tokenizer_dir):
     return save_tiny_moe(tmp_path_factory.mktemp("moe") / "tiny-qwen3-moe", bpe_tokenizer_dir)
 
