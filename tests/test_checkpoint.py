@@ -1,11 +1,8 @@
 """Checkpoints through the real command: exact resume, resume on other flavors, kill -9 during saves,
 Hugging Face export against transformers, and clear errors for bad checkpoint folders."""
 
-import contextlib
 import dataclasses
-import functools
 import importlib.util
-import io
 import json
 import os
 import random
@@ -18,6 +15,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import finetune_runs
 import pytest
 from flax import nnx
 
@@ -41,21 +39,10 @@ def finetune(*args, user: list[str] = (), script: Path = FINETUNE, **kwargs) -> 
                           capture_output=True, text=True, timeout=300, **kwargs)
 
 
-@functools.cache
-def finetune_script():
-    spec = importlib.util.spec_from_file_location("finetune", FINETUNE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def finetune_here(*args) -> subprocess.CompletedProcess:
     """`finetune` in this process, with its 8 devices (no start-up to pay): the exit status and what it printed.
     A new process's whole stderr (native log lines included) is checked by the read-only folder test."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        status = finetune_script().main([*RUN, *map(str, args)])
-    return subprocess.CompletedProcess(args, status, out.getvalue(), err.getvalue())
+    return finetune_runs.finetune_here(*RUN, *args)
 
 
 def losses(metrics_file: Path) -> dict[int, float]:

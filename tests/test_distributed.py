@@ -13,6 +13,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import finetune_runs
 import pytest
 from flax import nnx
 
@@ -43,12 +44,8 @@ def launch(processes: int, *args, all_output: bool = False, script: Path = FINET
 
 def finetune_here(*args) -> None:
     """One process with 8 devices: this test process itself (no start-up to pay)."""
-    from importlib.util import module_from_spec, spec_from_file_location
-
-    spec = spec_from_file_location("finetune", FINETUNE)
-    module = module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert module.main([*RUN, *map(str, args)]) == 0
+    done = finetune_runs.finetune_here(*RUN, *args)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def losses(metrics_file: Path) -> dict[int, float]:
@@ -209,17 +206,12 @@ def test_processes_with_different_flavors_and_batch_sizes():
     (["--num-processes", "2", "--process-id", "-1"], "--process-id -1 is outside the job's processes 0 to 1"),
     (["--num-processes", "2", "--process-id", "1"], "nobody listens at the coordinator address 127.0.0.1:"),
 ])
-def test_bad_job(job, message, monkeypatch, capsys):
+def test_bad_job(job, message, monkeypatch):
     """Refused before anything is started, as one line; an address nobody listens on within the timeout."""
-    from importlib.util import module_from_spec, spec_from_file_location
-
     monkeypatch.setattr(distributed, "_joined", None)  # this test process joined no job yet
     monkeypatch.setenv("MOAI_INIT_TIMEOUT", "2")
-    spec = spec_from_file_location("finetune", FINETUNE)
-    module = module_from_spec(spec)
-    spec.loader.exec_module(module)
     start = time.monotonic()
-    assert module.main([*RUN, "--coordinator-address", free_address(), *job]) == 2
+    done = finetune_runs.finetune_here(*RUN, "--coordinator-address", free_address(), *job)
+    assert done.returncode == 2
     assert time.monotonic() - start < 10
-    err = capsys.readouterr().err
-    assert err.startswith(f"error: {message}") and len(err.strip().splitlines()) == 1, err
+    assert done.stderr.startswith(f"error: {message}") and len(done.stderr.strip().splitlines()) == 1, done.stderr

@@ -186,12 +186,13 @@ def table(plan: Plan) -> str:
     piped = f", bubble {t.get('bubble', 0):.3f}, stage {t.get('stage', 0):.3f}" if plan.mesh.stage > 1 else ""
     piped += f", context {t.get('context', 0):.3f}" if plan.mesh.context > 1 else ""
     piped += f", expert {t.get('expert', 0):.3f}" if plan.mesh.expert > 1 else ""
+    piped += f", host {t.get('host', 0):.3f}" if plan.offload_optimizer else ""
     lines += ["", f"  step {t.get('total', 0):.3f} s (compute {t.get('compute', 0):.3f}, data {t.get('data', 0):.3f}, "
                   f"fsdp {t.get('fsdp', 0):.3f}, tensor {t.get('tensor', 0):.3f}{piped}) | "
                   f"{plan.estimated_tokens_per_sec or 0:,.0f} tokens/s | MFU {(plan.estimated_mfu or 0):.1%}"]
     if plan.compiled_step_seconds is not None:
         c = plan.compiled_step_seconds
-        terms = [k for k in ("data", "fsdp", "tensor", "context", "expert", "stage") if c.get(k)]
+        terms = [k for k in ("data", "fsdp", "tensor", "context", "expert", "stage", "host") if c.get(k)]
         lines += [f"  {plan.compiled_line()}",
                   f"    its seconds: compute {c['compute']:.3f}" + "".join(f", {k} {c[k]:.3f}" for k in terms)]
     if plan.alternatives:

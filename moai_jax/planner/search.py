@@ -15,6 +15,7 @@ Deterministic and allocation-free. Knobs the user fixes are honored; the rest st
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
 
@@ -313,6 +314,7 @@ def _plan(model_config: ModelConfig, batch_size: int, seq_len: int, accelerator:
     target_compiler = getattr(accelerator, "family", "cpu") != "cpu"
     near_budget = budget * (1 + OFFLOAD_RATHER_OVER)
 
+    @functools.cache  # asked before the compiles and again where none fitted: ranked once
     def host_memory_may_fit() -> bool:  # a candidate with the optimizer state in host memory estimated near the budget
         offloaded = rank(model_config, batch_size, seq_len, flavor, hardware, budget,
                          dataclasses.replace(fixed, offload_optimizer=True), compute_dtype, lora, family)
